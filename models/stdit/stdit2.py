@@ -34,7 +34,7 @@ from models.layers.blocks import (
     t2i_modulate,
 )
 from utils.errors import UserError
-from utils.io import atomic_path
+from utils.io import atomic_path, write_text_atomic
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -368,11 +368,11 @@ class STDiT2(nn.Layer):
             if tensor.dtype == paddle.bfloat16:
                 tensor = tensor.astype("float32")
             state[name] = np.ascontiguousarray(tensor.numpy())
-        with atomic_path(save_directory) as tmp_dir:
-            os.makedirs(tmp_dir)
-            with open(os.path.join(tmp_dir, CONFIG_NAME), "w", encoding="utf-8") as f:
-                json.dump(self.config.to_dict(), f, indent=2)
-            save_file(state, os.path.join(tmp_dir, WEIGHTS_NAME), metadata={"format": "paddle"})
+        # File by file (weights first), so that saving into an existing checkpoint directory keeps its other files.
+        os.makedirs(save_directory, exist_ok=True)
+        with atomic_path(os.path.join(save_directory, WEIGHTS_NAME)) as tmp_path:
+            save_file(state, tmp_path, metadata={"format": "paddle"})
+        write_text_atomic(os.path.join(save_directory, CONFIG_NAME), json.dumps(self.config.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, pretrained_path, dtype=None, **config_overrides):

@@ -1,0 +1,130 @@
+"""Train STDiT2 with the paddlenlp Trainer.
+
+Single process:   python scripts/trainer_opensora.py --do_train --output_dir ./exp_output --max_steps 100
+Several devices:  python -u -m paddle.distributed.launch --gpus "0,1,2,3" scripts/trainer_opensora.py --do_train ...
+On CPU:           python -m paddle.distributed.launch --nproc_per_node 2 scripts/trainer_opensora.py --do_train ...
+
+Run with --help for every argument. Restarting the same command resumes from the newest complete checkpoint
+in --output_dir (unless --overwrite_output_dir is given).
+"""
+
+import os
+import sys
+
+# Run as `python scripts/<name>.py`: make the repo root importable without PYTHONPATH.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from utils.errors import run_cli  # noqa: E402
+
+
+def main(argv):
+    import json
+
+    from paddlenlp.trainer import PdArgumentParser, TrainingArguments, set_seed
+    from paddlenlp.utils.log import logger
+
+    from dataset.datasets import VariableVideoTextDataset, collate_batch
+    from dataset.sampler import build_batch_sampler
+    from models.stdit.stdit2 import STDiT2, STDiT2Config
+    from models.text_encoder.t5 import T5Encoder
+    from models.vae.vae import VideoAutoencoderKL
+    from trainer.mask_generator import MaskGenerator
+    from trainer.setup import build_training_scheduler, check_compatible, configure_precision
+    from trainer.trainer import EMA_DIR_NAME, ExponentialMovingAverage, OpenSoraTrainer, latest_complete_checkpoint
+    from trainer.trainer_args import DataArguments, ModelArguments
+    from utils.errors import UserError
+
+    parser = PdArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    configure_precision(training_args)
+    set_seed(training_args.seed)
+
+    # ---- frozen encoders and the STDiT2 to train
+    vae = VideoAutoencoderKL(model_args.vae_path, micro_batch_size=model_args.vae_micro_batch_size or None)
+    if model_args.model_config:
+        config = STDiT2Config.from_json_file(model_args.model_config)
+        config.gradient_checkpointing = model_args.gradient_checkpointing
+        config.freeze = model_args.freeze
+        model = STDiT2(config)
+    else:
+        model = STDiT2.from_pretrained(
+            model_args.pretrained_model_path,
+            gradient_checkpointing=model_args.gradient_checkpointing,
+            freeze=model_args.freeze,
+        )
+    text_encoder = T5Encoder(
+        model_args.text_encoder_path, model_max_length=model_args.text_max_length or model.config.model_max_length
+    )
+    check_compatible(model.config, vae, text_encoder)
+    scheduler = build_training_scheduler(model_args, vae)
+
+    mask_generator = None
+    if model_args.mask_ratios != "none":
+        try:
+            ratios = json.loads(model_args.mask_ratios) if model_args.mask_ratios else None
+            mask_generator = MaskGenerator(ratios)
+        except (json.JSONDecodeError, ValueError) as error:
+            raise UserError(f"--mask_ratios: {error}") from None
+
+    # ---- data
+    train_dataset = VariableVideoTextDataset(
+        data_args.data_path,
+        frame_interval=data_args.frame_interval,
+        transform_name=data_args.transform_name,
+        num_frames=data_args.num_frames,
+        image_size=tuple(data_args.image_size),
+    )
+    batch_sampler = build_batch_sampler(
+        train_dataset,
+        bucket_config=data_args.bucket_config,
+        batch_size=training_args.per_device_train_batch_size,
+        num_replicas=training_args.dataset_world_size,
+        rank=training_args.dataset_rank,
+        seed=training_args.seed,
+    )
+    eval_dataset = None
+    if data_args.eval_data_path:
+        eval_dataset = VariableVideoTextDataset(
+            data_args.eval_data_path,
+            frame_interval=data_args.frame_interval,
+            transform_name=data_args.transform_name,
+            num_frames=data_args.num_frames,
+            image_size=tuple(data_args.image_size),
+            max_samples=data_args.eval_max_samples,
+        )
+
+    ema = ExponentialMovingAverage(model, model_args.ema_decay) if model_args.ema_decay > 0 else None
+    trainer = OpenSoraTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collate_batch,
+        vae=vae,
+        text_encoder=text_encoder,
+        scheduler=scheduler,
+        mask_generator=mask_generator,
+        train_batch_sampler=batch_sampler,
+        ema=ema,
+        max_nonfinite_steps=model_args.max_nonfinite_steps,
+    )
+
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is None and not training_args.overwrite_output_dir:
+        checkpoint = latest_complete_checkpoint(training_args.output_dir)
+    if checkpoint is not None:
+        logger.info(f"resuming from {checkpoint}")
+        if ema is not None and os.path.isdir(os.path.join(checkpoint, EMA_DIR_NAME)):
+            ema.load(os.path.join(checkpoint, EMA_DIR_NAME))
+
+    if training_args.do_train:
+        trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        if ema is not None and training_args.should_save:
+            ema.export(model, os.path.join(training_args.output_dir, EMA_DIR_NAME))
+        if trainer.skipped_videos:
+            logger.warning(f"{trainer.skipped_videos} unreadable videos were skipped during training")
+
+
+if __name__ == "__main__":
+    run_cli(main)
