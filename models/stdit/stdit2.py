@@ -42,6 +42,18 @@ FREEZE_OPTIONS = (None, "not_temporal", "text")
 
 
 @dataclasses.dataclass
+class CaptionContext:
+    """Caption features prepared once per generation by `STDiT2.encode_caption`.
+
+    The cross-attention keys and values depend on the prompt only, so a sampler computes them once and
+    passes this object as `y` at every step instead of re-projecting the caption in every block.
+    """
+
+    keys_values: list  # per block: (keys, values), each [B, L, heads, head_dim]
+    text_mask: paddle.Tensor  # [B, 1, 1, L] bool, or None when every token is valid
+
+
+@dataclasses.dataclass
 class STDiT2Config:
     """Constructor arguments of `STDiT2`, saved as `config.json` next to the weights."""
 
@@ -148,8 +160,9 @@ class STDiT2Block(nn.Layer):
             [3, hidden_size], default_initializer=nn.initializer.Normal(std=hidden_size**-0.5)
         )
 
-    def forward(self, x, y, t_spc, t_tmp, text_mask, x_mask, t0_spc, t0_tmp, T, S, rope_cos_sin):
-        """x [B, T*S, C]; y [B, L, C]; t_* [B, 6C] / [B, 3C]; text_mask [B, 1, 1, L] bool; x_mask [B, T] bool."""
+    def forward(self, x, y, t_spc, t_tmp, text_mask, x_mask, t0_spc, t0_tmp, T, S, rope_cos_sin, text_kv=None):
+        """x [B, T*S, C]; y [B, L, C]; t_* [B, 6C] / [B, 3C]; text_mask [B, 1, 1, L] bool; x_mask [B, T] bool;
+        text_kv: this block's precomputed caption keys and values (then y is not used)."""
         B, N, C = x.shape
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation(
             self.scale_shift_table, t_spc, t0_spc, x_mask
@@ -169,7 +182,7 @@ class STDiT2Block(nn.Layer):
         x = x + self.drop_path(gate_tmp * x_t)
 
         # cross attention to the caption (not modulated, as in PixArt)
-        x = x + self.cross_attn(x.reshape([B, N, C]), y, text_mask).reshape([B, T, S, C])
+        x = x + self.cross_attn(x.reshape([B, N, C]), y, text_mask, text_kv).reshape([B, T, S, C])
 
         # mlp
         x_m = t2i_modulate(self.norm2(x), shift_mlp, scale_mlp)
@@ -282,7 +295,8 @@ class STDiT2(nn.Layer):
         Args:
             x: latents [B, C, T, H, W].
             timestep: diffusion timesteps [B].
-            y: caption features [B, 1, L, C_text]; a batch that is a multiple of `mask`'s repeats the mask.
+            y: caption features [B, 1, L, C_text] (a batch that is a multiple of `mask`'s repeats the mask), or
+                a `CaptionContext` from `encode_caption` (then `mask` is ignored).
             mask: valid caption tokens [B, L] (1 = token, 0 = padding); None = all tokens valid.
             x_mask: [B, T] bool, True = frame to generate, False = conditioning frame (timestep-0 modulation).
             num_frames, height, width, ar, fps: conditioning scalars [B] in pixel units (ar = height / width).
@@ -294,7 +308,6 @@ class STDiT2(nn.Layer):
         dtype = self.x_embedder.proj.weight.dtype
         x = x.astype(dtype)
         timestep = timestep.astype(dtype)
-        y = y.astype(dtype)
 
         # size, aspect-ratio, length and fps conditioning
         height, width = height.astype(dtype), width.astype(dtype)
@@ -325,18 +338,15 @@ class STDiT2(nn.Layer):
             t0_spc_mlp = self.t_block(t0_spc)
             t0_tmp_mlp = self.t_block_temp(t0 + fl)
 
-        # caption tokens and their padding mask
-        y = self.y_embedder(y, self.training).squeeze(1)  # [B, L, C]
-        text_mask = None
-        if mask is not None:
-            mask = mask.reshape([mask.shape[0], -1])
-            if mask.shape[0] != B:
-                mask = mask.tile([B // mask.shape[0], 1])
-            text_mask = mask.astype("bool")[:, None, None, :]
+        if isinstance(y, CaptionContext):
+            caption, text_mask, keys_values = None, y.text_mask, y.keys_values
+        else:
+            caption, text_mask = self.embed_caption(y, mask)
+            keys_values = [None] * len(self.blocks)
 
         rope_cos_sin = self.rope.cos_sin(T, dtype)
-        for block in self.blocks:
-            args = (x, y, t_spc, t_tmp, text_mask, x_mask, t0_spc_mlp, t0_tmp_mlp, T, S, rope_cos_sin)
+        for block, text_kv in zip(self.blocks, keys_values):
+            args = (x, caption, t_spc, t_tmp, text_mask, x_mask, t0_spc_mlp, t0_tmp_mlp, T, S, rope_cos_sin, text_kv)
             if self.gradient_checkpointing and self.training:
                 x = recompute(block, *args)
             else:
@@ -347,6 +357,26 @@ class STDiT2(nn.Layer):
         x = self.final_layer(x, t, x_mask, t0_spc, T, S)
         x = self.unpatchify(x, T, H, W, Tx, Hx, Wx)
         return x.astype("float32")
+
+    def embed_caption(self, y, mask=None):
+        """Caption tokens [B, L, C] after the caption embedder (with training-time dropout) and the padding
+        mask [B, 1, 1, L] (None when all tokens are valid). A mask of a smaller batch is repeated."""
+        y = self.y_embedder(y.astype(self.x_embedder.proj.weight.dtype), self.training).squeeze(1)
+        if mask is None:
+            return y, None
+        mask = mask.reshape([mask.shape[0], -1])
+        if mask.shape[0] != y.shape[0]:
+            mask = mask.tile([y.shape[0] // mask.shape[0], 1])
+        return y, mask.astype("bool")[:, None, None, :]
+
+    @paddle.no_grad()
+    def encode_caption(self, y, mask=None):
+        """Precompute the caption side of every cross-attention for inference (see `CaptionContext`)."""
+        if self.training:
+            raise RuntimeError("encode_caption is for inference; call model.eval() first")
+        caption, text_mask = self.embed_caption(y, mask)
+        keys_values = [block.cross_attn.project_text(caption) for block in self.blocks]
+        return CaptionContext(keys_values=keys_values, text_mask=text_mask)
 
     def unpatchify(self, x, N_t, N_h, N_w, R_t, R_h, R_w):
         """[B, N_t*N_h*N_w, T_p*H_p*W_p*C_out] -> [B, C_out, R_t, R_h, R_w], dropping the patch padding."""

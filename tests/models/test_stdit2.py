@@ -290,3 +290,17 @@ def test_caption_drop_probability_is_the_configured_one():
     forced = embedder.token_drop(caption[:2], force_drop_ids=paddle.to_tensor([1, 0]))
     np.testing.assert_allclose(forced[0, 0].numpy(), embedder.y_embedding.numpy())
     np.testing.assert_allclose(forced[1].numpy(), caption[1].numpy())
+
+
+def test_precomputed_caption_context_gives_the_same_output():
+    model = tiny_model()
+    x, t, y = inputs()
+    cond = conditioning(2, 3, 48, 64)
+    mask = paddle.to_tensor([[1] * 4 + [0] * 8])
+    context = model.encode_caption(y, mask)
+    assert len(context.keys_values) == 2 and context.keys_values[0][0].shape == [2, 12, 2, 24]
+    np.testing.assert_allclose(
+        model(x, t, context, x_mask=paddle.to_tensor([[False, True, True]] * 2), **cond).numpy(),
+        model(x, t, y, mask=mask, x_mask=paddle.to_tensor([[False, True, True]] * 2), **cond).numpy(),
+        rtol=1e-6,
+    )
