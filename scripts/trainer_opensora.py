@@ -33,10 +33,12 @@ def main(argv):
     from trainer.trainer import EMA_DIR_NAME, ExponentialMovingAverage, OpenSoraTrainer, latest_complete_checkpoint
     from trainer.trainer_args import DataArguments, ModelArguments
     from utils.errors import UserError
+    from utils.runtime import configure_cpu_threads
 
     parser = PdArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     configure_precision(training_args)
+    configure_cpu_threads()
     set_seed(training_args.seed)
 
     # ---- frozen encoders and the STDiT2 to train

@@ -7,7 +7,6 @@ prompts: encode references, sample (loop by loop for long videos), decode and sa
 import dataclasses
 import os
 
-import numpy as np
 import paddle
 
 from utils.config_utils import DTYPES
@@ -170,16 +169,13 @@ def shard_for_this_process(jobs):
     return jobs[rank::world_size]
 
 
-def seed_everything(seed):
-    paddle.seed(seed)
-    np.random.seed(seed)
-
-
 def run_inference(argv, description):
     """The whole command: arguments, checks, models, generation; prints one line per written file."""
     from utils.config_utils import parse_args
+    from utils.runtime import configure_cpu_threads
 
     args = parse_args(argv, description)
+    configure_cpu_threads()
     jobs = shard_for_this_process(plan_jobs(args))
     check_save_dir(args.save_dir)
     pipeline = load_pipeline(args)

@@ -48,7 +48,8 @@ class RMSNorm(nn.Layer):
     def forward(self, hidden_states):
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.astype("float32")
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        # x * x rather than pow(2): Paddle's CPU pow kernel is an order of magnitude slower.
+        variance = (hidden_states * hidden_states).mean(-1, keepdim=True)
         hidden_states = hidden_states * paddle.rsqrt(variance + self.variance_epsilon)
         return self.weight * hidden_states.astype(input_dtype)
 
