@@ -1,0 +1,117 @@
+import numpy as np
+import paddle
+import pytest
+
+from schedulers.iddpm import IDDPM, linear_betas, space_timesteps
+
+
+def test_linear_betas_and_respacing_keep_the_base_noise_levels():
+    betas = linear_betas(1000)
+    assert betas[0] == pytest.approx(1e-4) and betas[-1] == pytest.approx(0.02)
+    base = np.cumprod(1 - betas)
+    diffusion = IDDPM(num_sampling_steps=100)
+    assert diffusion.num_timesteps == 100
+    assert diffusion.timestep_map[0] == 0 and diffusion.timestep_map[-1] == 999
+    np.testing.assert_allclose(diffusion.alphas_cumprod, base[diffusion.timestep_map], rtol=1e-12)
+    # respaced betas chain back to the same cumulative product
+    np.testing.assert_allclose(np.cumprod(1 - diffusion.betas), diffusion.alphas_cumprod, rtol=1e-10)
+
+
+def test_space_timesteps_forms():
+    assert space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
+    assert space_timesteps(100, "10") == [round(11 * k) for k in range(10)]
+    sections = space_timesteps(300, "10,15,20")
+    assert len(sections) == 45 and sections[0] == 0 and sections[-1] == 299
+    with pytest.raises(ValueError):
+        space_timesteps(10, "11")
+
+
+def test_q_sample_statistics():
+    diffusion = IDDPM()
+    x = paddle.full([20000], 2.0)
+    t = paddle.full([20000], 500, dtype="int64")
+    samples = diffusion.q_sample(x, t, paddle.randn([20000])).numpy()
+    a = np.cumprod(1 - linear_betas(1000))[500]
+    assert samples.mean() == pytest.approx(2 * np.sqrt(a), abs=0.03)
+    assert samples.std() == pytest.approx(np.sqrt(1 - a), abs=0.03)
+
+
+def test_p_mean_variance_matches_numpy():
+    diffusion = IDDPM(num_sampling_steps=50)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal([2, 3, 1, 2, 2]).astype("float32")
+    out = rng.standard_normal([2, 6, 1, 2, 2]).astype("float32").clip(-1, 1)
+    t = 17
+    mean, log_var, x0 = diffusion.p_mean_variance(paddle.to_tensor(out), paddle.to_tensor(x), t)
+    acp = diffusion.alphas_cumprod[t]
+    acp_prev = diffusion.alphas_cumprod[t - 1]
+    beta = 1 - acp / acp_prev
+    eps = out[:, :3]
+    x0_np = (x - np.sqrt(1 - acp) * eps) / np.sqrt(acp)
+    mean_np = beta * np.sqrt(acp_prev) / (1 - acp) * x0_np + (1 - acp_prev) * np.sqrt(1 - beta) / (1 - acp) * x
+    post_var = beta * (1 - acp_prev) / (1 - acp)
+    frac = (out[:, 3:] + 1) / 2
+    log_var_np = frac * np.log(beta) + (1 - frac) * np.log(post_var)
+    np.testing.assert_allclose(x0.numpy(), x0_np, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(mean.numpy(), mean_np, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(log_var.numpy(), log_var_np, rtol=1e-4)
+
+
+def test_sampling_shapes_determinism_cfg_and_hard_conditions(text_encoder, make_fake_model, size_args):
+    diffusion = IDDPM(num_sampling_steps=5, cfg_scale=3.0, cfg_channel=3)
+    reference = paddle.randn([2, 4, 3, 2, 2])
+
+    def run():
+        paddle.seed(7)
+        model = make_fake_model(out_factor=2)
+        z = paddle.randn([2, 4, 3, 2, 2])
+        z[:, :, 0] = reference[:, :, 0]
+        mask = paddle.to_tensor([[0.0, 1.0, 1.0], [0.0, 0.4, 1.0]])
+        return diffusion.sample(model, text_encoder, z, ["a", "bb"], size_args(2), mask=mask, progress=False), model
+
+    first, model = run()
+    second, _ = run()
+    assert first.shape == [2, 4, 3, 2, 2]
+    np.testing.assert_array_equal(first.numpy(), second.numpy())
+    np.testing.assert_array_equal(first[:, :, 0].numpy(), reference[:, :, 0].numpy())
+    # one model call per step, on the doubled batch, with respaced -> original timesteps
+    assert len(model.calls) == 5 and all(call["batch"] == 4 for call in model.calls)
+    assert [int(call["timestep"][0]) for call in model.calls] == sorted(diffusion.timestep_map, reverse=True)
+    assert not model.calls[0]["x_mask"][:, 0].any()
+
+
+def test_guidance_applies_to_the_first_cfg_channels_only():
+    from schedulers.guidance import guided_prediction
+
+    class Split(paddle.nn.Layer):
+        def forward(self, x, t, y=None, x_mask=None, **kwargs):
+            # conditional half outputs 1, unconditional 0
+            return paddle.concat([paddle.ones_like(x[:1]), paddle.zeros_like(x[1:])], axis=0)
+
+    out = guided_prediction(Split(), paddle.zeros([1, 4, 1, 1, 1]), paddle.zeros([1]), {"y": paddle.zeros([2, 1, 1, 1])}, {}, None, 5.0, 3)
+    assert out.numpy().ravel().tolist() == [5.0, 5.0, 5.0, 1.0]
+
+
+def test_training_loss_is_finite_and_ignores_conditioning_frames():
+    diffusion = IDDPM()
+    x = paddle.randn([2, 4, 3, 2, 2])
+    mask = paddle.to_tensor([[False, True, True], [True, True, False]])
+    t = paddle.to_tensor([10, 600])
+    noise = paddle.randn(x.shape)
+
+    class Model(paddle.nn.Layer):
+        def __init__(self, poison):
+            super().__init__()
+            self.poison = poison
+
+        def forward(self, x, t, x_mask=None, **kwargs):
+            out = paddle.concat([x * 0.3, paddle.zeros_like(x)], axis=1)
+            if self.poison:  # change the output at conditioning frames only
+                out = paddle.where(x_mask[:, None, :, None, None], out, out + 50.0)
+            return out
+
+    clean = diffusion.training_losses(Model(False), x, {}, mask=mask, t=t, noise=noise)
+    poisoned = diffusion.training_losses(Model(True), x, {}, mask=mask, t=t, noise=noise)
+    assert np.isfinite(clean["loss"].numpy()).all() and clean["loss"].shape == [2]
+    np.testing.assert_allclose(clean["loss"].numpy(), poisoned["loss"].numpy(), rtol=1e-6)
+    assert set(clean) == {"loss", "mse", "vb"}
