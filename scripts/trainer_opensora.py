@@ -29,7 +29,7 @@ def main(argv):
     from models.text_encoder.t5 import T5Encoder
     from models.vae.vae import VideoAutoencoderKL
     from trainer.mask_generator import MaskGenerator
-    from trainer.setup import build_training_scheduler, check_compatible, configure_precision
+    from trainer.setup import build_training_scheduler, check_compatible, check_replicas_agree, configure_precision
     from trainer.trainer import EMA_DIR_NAME, ExponentialMovingAverage, OpenSoraTrainer, latest_complete_checkpoint
     from trainer.trainer_args import DataArguments, ModelArguments
     from utils.errors import UserError
@@ -124,6 +124,8 @@ def main(argv):
         trainer.save_model()
         if ema is not None and training_args.should_save:
             ema.export(model, os.path.join(training_args.output_dir, EMA_DIR_NAME))
+        if training_args.world_size > 1:
+            check_replicas_agree(model)
         if trainer.skipped_videos:
             logger.warning(f"{trainer.skipped_videos} unreadable videos were skipped during training")
 

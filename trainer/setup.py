@@ -49,3 +49,16 @@ def build_training_scheduler(model_args, vae):
             temporal_compression=vae.temporal_compression,
         )
     raise UserError(f"--sampler {model_args.sampler!r} is not supported; choose 'iddpm' or 'rflow'")
+
+
+def check_replicas_agree(model):
+    """After data-parallel training every rank must hold the same weights; compare a checksum across ranks."""
+    import paddle.distributed as dist
+
+    checksum = paddle.stack([p.astype("float64").sum() for p in model.parameters()]).sum().reshape([1])
+    checksums = []
+    dist.all_gather(checksums, checksum)
+    values = [float(c) for c in checksums]
+    if max(values) - min(values) > 1e-6 * max(1.0, abs(values[0])):
+        raise RuntimeError(f"ranks ended with different weights (checksums {values}); data-parallel sync failed")
+    logger.info(f"weights identical on all {len(values)} ranks (checksum {values[0]:.6f})")

@@ -1,0 +1,197 @@
+"""Train the small image VAE (ppdiffusers AutoencoderKL) of the demo model on frames of a video data set.
+
+    python scripts/train_vae.py --data-dir /work/data/synthetic --output-dir assets/default_model/vae
+
+Frames come from the mp4s listed in <data-dir>/train.csv (decoded with PyAV, the same path as user data);
+PSNR is measured on the frames of <data-dir>/heldout.csv. After training the latent scale is measured and
+stored as `scaling_factor = 1 / std(latents)` in the saved config, so the diffusion model sees unit-variance
+latents. The output folder (config.json, diffusion_pytorch_model.safetensors, training_report.json) is
+replaced atomically at the end.
+"""
+
+import os
+import sys
+
+# Run as `python scripts/<name>.py`: make the repo root importable without PYTHONPATH.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Set before Paddle loads Intel OpenMP: after Adam's kernels have run, their idle OpenMP threads spin for the
+# default 200 ms and take the cores from the convolutions, which then run ~3x slower on a 2-core machine.
+os.environ.setdefault("KMP_BLOCKTIME", "0")
+
+import argparse
+import csv
+import json
+import math
+import time
+
+import av
+import numpy as np
+import paddle
+
+from utils.errors import UserError, run_cli
+from utils.io import atomic_path
+from utils.runtime import configure_cpu_threads
+
+# 64x64 frames -> 8x8x4 latents: four resolution levels, three of which halve the size. The channel counts
+# are small because the frames are simple and CPU training time grows with the full-resolution width.
+VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [16, 32, 48, 48],
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True, help="folder holding train.csv and heldout.csv")
+    parser.add_argument("--output-dir", required=True, help="folder for the trained VAE (replaced at the end)")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, cosine-decayed to 1%% of it")
+    parser.add_argument(
+        "--kl-weight", type=float, default=1e-5, help="weight of the KL term summed per frame, over pixels"
+    )
+    parser.add_argument("--max-clips", type=int, default=None, help="use only the first N training clips")
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def read_video_frames(path):
+    """All frames of a video file as [T, H, W, 3] uint8."""
+    try:
+        with av.open(path) as container:
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    except (av.error.FFmpegError, OSError) as error:
+        raise UserError(f"{path}: cannot be decoded as a video ({error}); regenerate or remove it from the CSV")
+    return np.stack(frames)
+
+
+def load_frames(csv_path, max_clips=None):
+    """Every frame of the videos listed in a meta CSV, [N, H, W, 3] uint8 (all videos must share one size)."""
+    if not os.path.isfile(csv_path):
+        raise UserError(f"{csv_path}: no such file; run scripts/make_synthetic_data.py first")
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise UserError(f"{csv_path}: lists no videos; pass a meta CSV with at least one row")
+    base = os.path.dirname(os.path.abspath(csv_path))
+    clips = [read_video_frames(os.path.join(base, row["path"])) for row in rows[:max_clips]]
+    if len({clip.shape[1:] for clip in clips}) != 1:
+        raise UserError(f"{csv_path}: videos differ in size; the VAE trainer needs one frame size")
+    return np.concatenate(clips)
+
+
+def to_model_input(frames):
+    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] in [-1, 1]."""
+    return paddle.to_tensor(frames.transpose(0, 3, 1, 2).astype("float32") / 127.5 - 1.0)
+
+
+def psnr(frames, reconstructions):
+    """PSNR in dB of uint8-range images given as [-1, 1] tensors."""
+    mse = float(((frames.clip(-1, 1) - reconstructions.clip(-1, 1)) / 2).square().mean())
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+@paddle.no_grad()
+def evaluate(vae, frames, batch_size=64):
+    """PSNR of reconstructions through the posterior mean, and the std of sampled latents."""
+    squared_error, latents = 0.0, []
+    for start in range(0, len(frames), batch_size):
+        x = to_model_input(frames[start : start + batch_size])
+        posterior = vae.encode(x).latent_dist
+        reconstruction = vae.decode(posterior.mean).sample
+        squared_error += float(((x - reconstruction.clip(-1, 1)) / 2).square().mean()) * len(x)
+        latents.append(posterior.sample().numpy())
+    mse = squared_error / len(frames)
+    return 10 * math.log10(1.0 / max(mse, 1e-12)), float(np.concatenate(latents).std())
+
+
+def train(vae, frames, args):
+    optimizer = paddle.optimizer.Adam(
+        learning_rate=paddle.optimizer.lr.CosineAnnealingDecay(args.lr, T_max=args.steps, eta_min=args.lr * 0.01),
+        parameters=vae.parameters(),
+        grad_clip=paddle.nn.ClipGradByGlobalNorm(1.0),
+    )
+    rng = np.random.default_rng(args.seed)
+    vae.train()
+    start = time.time()
+    for step in range(1, args.steps + 1):
+        x = to_model_input(frames[rng.integers(len(frames), size=args.batch_size)])
+        posterior = vae.encode(x).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        reconstruction_loss = (reconstruction - x).abs().mean() + (reconstruction - x).square().mean()
+        # KL summed over a frame's latent, spread over its pixels like the reconstruction terms.
+        kl_loss = posterior.kl().mean() / math.prod(x.shape[1:])
+        loss = reconstruction_loss + args.kl_weight * kl_loss
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        optimizer._learning_rate.step()
+        if step % args.log_every == 0 or step == args.steps:
+            elapsed = time.time() - start
+            print(
+                f"step {step}/{args.steps} loss {float(loss):.5f} kl {float(kl_loss):.3f} "
+                f"batch_psnr {psnr(x, reconstruction):.2f} dB lr {optimizer.get_lr():.2e} "
+                f"{elapsed / step:.2f} s/step eta {elapsed / step * (args.steps - step) / 60:.1f} min",
+                flush=True,
+            )
+    vae.eval()
+    return time.time() - start
+
+
+def main(argv):
+    args = parse_args(argv)
+    if args.steps <= 0 or args.batch_size <= 0:
+        raise UserError(f"--steps {args.steps} --batch-size {args.batch_size}: both must be positive")
+    from ppdiffusers import AutoencoderKL
+
+    configure_cpu_threads()
+    paddle.seed(args.seed)
+    started = time.time()
+    train_frames = load_frames(os.path.join(args.data_dir, "train.csv"), args.max_clips)
+    heldout_frames = load_frames(os.path.join(args.data_dir, "heldout.csv"))
+    print(f"loaded {len(train_frames)} training and {len(heldout_frames)} held-out frames", flush=True)
+
+    vae = AutoencoderKL(**VAE_CONFIG)
+    training_seconds = train(vae, train_frames, args)
+    heldout_psnr, latent_std = evaluate(vae, heldout_frames)
+    # The latent scale is measured on training frames, as for Stable Diffusion's VAE.
+    sample = train_frames[np.random.default_rng(args.seed + 1).integers(len(train_frames), size=1024)]
+    train_psnr, train_latent_std = evaluate(vae, sample)
+    vae.register_to_config(scaling_factor=1.0 / train_latent_std)
+    report = {
+        "heldout_psnr_db": round(heldout_psnr, 3),
+        "train_psnr_db": round(train_psnr, 3),
+        "latent_std": train_latent_std,
+        "heldout_latent_std": latent_std,
+        "scaling_factor": 1.0 / train_latent_std,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "kl_weight": args.kl_weight,
+        "seed": args.seed,
+        "num_training_frames": len(train_frames),
+        "num_heldout_frames": len(heldout_frames),
+        "training_minutes": round(training_seconds / 60, 2),
+        "total_minutes": round((time.time() - started) / 60, 2),
+    }
+    with atomic_path(args.output_dir) as tmp_dir:
+        vae.save_pretrained(tmp_dir, safe_serialization=True)
+        with open(os.path.join(tmp_dir, "training_report.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    print(json.dumps(report, indent=2))
+    print(f"saved {args.output_dir}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
