@@ -24,6 +24,7 @@ def main(argv):
     from paddlenlp.utils.log import logger
 
     from dataset.datasets import VariableVideoTextDataset, collate_batch
+    from dataset.latents import LatentTextDataset, collate_latents
     from dataset.sampler import build_batch_sampler
     from models.stdit.stdit2 import STDiT2, STDiT2Config
     from models.text_encoder.t5 import T5Encoder
@@ -69,16 +70,23 @@ def main(argv):
             raise UserError(f"--mask_ratios: {error}") from None
 
     # ---- data
-    train_dataset = VariableVideoTextDataset(
-        data_args.data_path,
-        frame_interval=data_args.frame_interval,
-        transform_name=data_args.transform_name,
-        num_frames=data_args.num_frames,
-        image_size=tuple(data_args.image_size),
-    )
+    if data_args.latent_data_path:
+        train_dataset = LatentTextDataset(data_args.latent_data_path)
+        collate = collate_latents
+        bucket_config = None  # latents have one size
+    else:
+        train_dataset = VariableVideoTextDataset(
+            data_args.data_path,
+            frame_interval=data_args.frame_interval,
+            transform_name=data_args.transform_name,
+            num_frames=data_args.num_frames,
+            image_size=tuple(data_args.image_size),
+        )
+        collate = collate_batch
+        bucket_config = data_args.bucket_config
     batch_sampler = build_batch_sampler(
         train_dataset,
-        bucket_config=data_args.bucket_config,
+        bucket_config=bucket_config,
         batch_size=training_args.per_device_train_batch_size,
         num_replicas=training_args.dataset_world_size,
         rank=training_args.dataset_rank,
@@ -101,7 +109,8 @@ def main(argv):
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=collate_batch,
+        data_collator=collate,
+        eval_data_collator=collate_batch,
         vae=vae,
         text_encoder=text_encoder,
         scheduler=scheduler,

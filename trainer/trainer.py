@@ -100,9 +100,11 @@ class OpenSoraTrainer(Trainer):
         train_batch_sampler=None,
         ema=None,
         max_nonfinite_steps=5,
+        eval_data_collator=None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.eval_data_collator = eval_data_collator or self.data_collator
         self.vae = vae
         self.text_encoder = text_encoder
         self.scheduler = scheduler
@@ -125,7 +127,12 @@ class OpenSoraTrainer(Trainer):
     @paddle.no_grad()
     def encode_batch(self, batch):
         """Latents [B, C, T, H, W] and model kwargs (text features, caption mask, size conditions)."""
-        latents = self.vae.encode(batch["video"])
+        if "latent_mean" in batch:  # pre-encoded posterior (dataset/latents.py): draw a fresh sample
+            mean = paddle.to_tensor(batch["latent_mean"])
+            std = paddle.to_tensor(batch["latent_std"])
+            latents = (mean + std * paddle.randn(mean.shape, dtype=mean.dtype)) * self.vae.scaling_factor
+        else:
+            latents = self.vae.encode(batch["video"])
         text = self.text_encoder.encode(list(batch["text"]))
         model_kwargs = dict(y=text["y"], mask=text["mask"], **size_conditions(batch))
         return latents, model_kwargs
@@ -189,7 +196,7 @@ class OpenSoraTrainer(Trainer):
         try:
             with fork_rng(self.args.seed), paddle.no_grad():
                 for index in range(len(eval_dataset)):
-                    batch = self.data_collator([eval_dataset[index]])
+                    batch = self.eval_data_collator([eval_dataset[index]])
                     latents, model_kwargs = self.encode_batch(batch)
                     for fraction in EVAL_TIMESTEP_FRACTIONS:
                         t = paddle.full([latents.shape[0]], int(fraction * num_timesteps), dtype="int64")

@@ -79,6 +79,11 @@ class DataArguments:
                   "separated by commas. Build one from a folder with scripts/make_meta.py. Default: the "
                   "small sample set in assets/data."},
     )
+    latent_data_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Latent CSV from scripts/encode_latents.py: train on pre-encoded VAE posteriors "
+                  "instead of decoding and encoding videos at every step (replaces --data_path)."},
+    )
     bucket_config: Optional[str] = field(
         default=None,
         metadata={"help": "Multi-resolution bucket JSON (configs/buckets/*.json). When unset every clip is "
