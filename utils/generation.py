@@ -7,6 +7,7 @@ prompts: encode references, sample (loop by loop for long videos), decode and sa
 import dataclasses
 import os
 
+import numpy as np
 import paddle
 
 from utils.config_utils import DTYPES
@@ -114,12 +115,11 @@ def size_arguments(args, batch_size, dtype):
 
 
 @paddle.no_grad()
-def generate(args, jobs, pipeline, save_path_for):
-    """Generate every job; `save_path_for(job, sample_k)` names outputs. Returns the written paths."""
+def generate_videos(args, jobs, pipeline):
+    """Yield (job, sample_k, video) for every job and sample; video is float32 numpy [3, T, H, W] in [-1, 1]."""
     model, vae = pipeline.model, pipeline.vae
     latent_size = vae.get_latent_size((args.num_frames, *args.image_size))
     model_dtype = model.x_embedder.proj.weight.dtype
-    written = []
     for batch_start in range(0, len(jobs), args.batch_size):
         batch = jobs[batch_start : batch_start + args.batch_size]
         # Seeded per batch from the prompt index, so the result of a prompt does not depend on how prompts
@@ -128,10 +128,9 @@ def generate(args, jobs, pipeline, save_path_for):
         references = collect_references([job.reference_path for job in batch], vae, args.image_size)
         additional_args = size_arguments(args, len(batch), model_dtype)
         for sample_k in range(args.num_sample):
-            clips = generate_long_video(args, batch, references, pipeline, latent_size, additional_args)
-            for job, video in zip(batch, clips):
-                written.append(save_sample(video, fps=args.fps // args.frame_interval, save_path=save_path_for(job, sample_k)))
-    return written
+            videos = generate_long_video(args, batch, references, pipeline, latent_size, additional_args)
+            for job, video in zip(batch, videos):
+                yield job, sample_k, np.asarray(video.numpy() if hasattr(video, "numpy") else video, dtype="float32")
 
 
 def generate_long_video(args, batch, references, pipeline, latent_size, additional_args):
@@ -179,5 +178,21 @@ def run_inference(argv, description):
     jobs = shard_for_this_process(plan_jobs(args))
     check_save_dir(args.save_dir)
     pipeline = load_pipeline(args)
-    for path in generate(args, jobs, pipeline, save_path_for=lambda job, k: output_path(args, job, k)):
+    for job, sample_k, video in generate_videos(args, jobs, pipeline):
+        path = save_sample(video, fps=args.fps // args.frame_interval, save_path=output_path(args, job, sample_k), overwrite=args.overwrite)
         print(path, flush=True)
+
+
+def output_path(args, job, sample_k):
+    """`{save_dir}/{sample_name}_{index}`, with `-k` when several samples are drawn per prompt (no extension)."""
+    path = os.path.join(args.save_dir, f"{args.sample_name or 'sample'}_{job.index}")
+    return f"{path}-{sample_k}" if args.num_sample != 1 else path
+
+
+def check_save_dir(save_dir):
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--save-dir {save_dir}: cannot create it ({error.strerror}); choose a writable directory") from None
+    if not os.access(save_dir, os.W_OK):
+        raise UserError(f"--save-dir {save_dir}: not writable; choose a writable directory")
