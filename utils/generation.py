@@ -6,6 +6,7 @@ prompts: encode references, sample (loop by loop for long videos), decode and sa
 
 import dataclasses
 import os
+import sys
 
 import numpy as np
 import paddle
@@ -178,9 +179,24 @@ def run_inference(argv, description):
     jobs = shard_for_this_process(plan_jobs(args))
     check_save_dir(args.save_dir)
     pipeline = load_pipeline(args)
+    fit_image_size(args, pipeline.vae)
     for job, sample_k, video in generate_videos(args, jobs, pipeline):
         path = save_sample(video, fps=args.fps // args.frame_interval, save_path=output_path(args, job, sample_k), overwrite=args.overwrite)
         print(path, flush=True)
+
+
+def fit_image_size(args, vae):
+    """Round --image-size down to the VAE's downsampling factor (as the original's latent size does), and say so."""
+    factor = vae.patch_size[1]
+    height, width = args.image_size
+    fitted = [max(factor, height // factor * factor), max(factor, width // factor * factor)]
+    if fitted != [height, width]:
+        print(
+            f"note: --image-size {height} {width} is not a multiple of {factor} (the VAE's downsampling); "
+            f"generating {fitted[0]}x{fitted[1]}",
+            file=sys.stderr,
+        )
+    args.image_size = fitted
 
 
 def output_path(args, job, sample_k):
