@@ -132,7 +132,7 @@ class OpenSoraTrainer(Trainer):
             std = paddle.to_tensor(batch["latent_std"])
             latents = (mean + std * paddle.randn(mean.shape, dtype=mean.dtype)) * self.vae.scaling_factor
         else:
-            latents = self.vae.encode(batch["video"])
+            latents = self.vae.encode(paddle.to_tensor(batch["video"]))
         text = self.text_encoder.encode(list(batch["text"]))
         model_kwargs = dict(y=text["y"], mask=text["mask"], **size_conditions(batch))
         return latents, model_kwargs
