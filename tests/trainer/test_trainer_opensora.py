@@ -26,7 +26,7 @@ def train_command(tiny_models, clips, output_dir, max_steps, extra=()):
     return [
         "--do_train", "--output_dir", str(output_dir), "--max_steps", str(max_steps), "--save_steps", "2",
         "--save_strategy", "steps", "--logging_steps", "1", "--per_device_train_batch_size", "2", "--seed", "1",
-        "--learning_rate", "1e-3", "--report_to", "none", "--data_path", clips, "--num_frames", "4",
+        "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--report_to", "none", "--data_path", clips, "--num_frames", "4",
         "--image_size", "64", "64", "--pretrained_model_path", tiny_models["stdit2"], "--vae_path", tiny_models["vae"],
         "--text_encoder_path", tiny_models["text_encoder"], "--sampler", "rflow", "--dataloader_num_workers", "0",
         *extra,
