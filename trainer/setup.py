@@ -58,7 +58,7 @@ def check_replicas_agree(model):
     checksum = paddle.stack([p.astype("float64").sum() for p in model.parameters()]).sum().reshape([1])
     checksums = []
     dist.all_gather(checksums, checksum)
-    values = [float(c) for c in checksums]
+    values = [float(c.numpy().ravel()[0]) for c in checksums]
     if max(values) - min(values) > 1e-6 * max(1.0, abs(values[0])):
         raise RuntimeError(f"ranks ended with different weights (checksums {values}); data-parallel sync failed")
     logger.info(f"weights identical on all {len(values)} ranks (checksum {values[0]:.6f})")
