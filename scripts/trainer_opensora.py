@@ -104,6 +104,16 @@ def main(argv):
         )
 
     ema = ExponentialMovingAverage(model, model_args.ema_decay) if model_args.ema_decay > 0 else None
+    first = train_dataset.rows[0]
+    inference_defaults = dict(
+        num_frames=int(first["num_frames"]) if data_args.latent_data_path else data_args.num_frames,
+        image_size=[int(first["height"]), int(first["width"])] if data_args.latent_data_path else list(data_args.image_size),
+        fps=int(round(float(first["fps"]))),
+        frame_interval=data_args.frame_interval,
+        sampler=model_args.sampler,
+        num_sampling_steps=30 if model_args.sampler == "rflow" else 100,
+        cfg_scale=model_args.inference_cfg_scale,
+    )
     trainer = OpenSoraTrainer(
         model=model,
         args=training_args,
@@ -118,6 +128,7 @@ def main(argv):
         train_batch_sampler=batch_sampler,
         ema=ema,
         max_nonfinite_steps=model_args.max_nonfinite_steps,
+        inference_defaults=inference_defaults,
     )
 
     checkpoint = training_args.resume_from_checkpoint
@@ -132,7 +143,7 @@ def main(argv):
         trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
         if ema is not None and training_args.should_save:
-            ema.export(model, os.path.join(training_args.output_dir, EMA_DIR_NAME))
+            ema.export(model, os.path.join(training_args.output_dir, EMA_DIR_NAME), trainer.export)
         if training_args.world_size > 1:
             check_replicas_agree(model)
         if trainer.skipped_videos:

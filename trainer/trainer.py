@@ -5,6 +5,7 @@ helpers that turn a batch of videos and captions into latents and text features 
 """
 
 import contextlib
+import json
 import os
 
 import numpy as np
@@ -14,6 +15,7 @@ from paddlenlp.transformers.model_utils import unwrap_model
 from paddlenlp.utils.log import logger
 
 from utils.errors import UserError
+from utils.io import write_text_atomic
 
 EMA_DIR_NAME = "ema"
 COMPLETE_MARKER = "checkpoint_complete"
@@ -57,12 +59,12 @@ class ExponentialMovingAverage:
                 shadow.scale_(self.decay)
                 shadow.add_(param.detach().astype("float32") * (1.0 - self.decay))
 
-    def export(self, model, directory):
-        """Save a copy of `model` whose trainable weights are the averages, in `from_pretrained` format."""
+    def export(self, model, directory, save=None):
+        """Save `model` with its trainable weights replaced by the averages (by default with save_pretrained)."""
         current = {name: param.detach().clone() for name, param in model.named_parameters() if name in self.shadow}
         self.copy_to(model)
         try:
-            model.save_pretrained(directory)
+            (save or (lambda m, d: m.save_pretrained(d)))(model, directory)
         finally:
             for name, param in model.named_parameters():
                 if name in current:
@@ -101,9 +103,11 @@ class OpenSoraTrainer(Trainer):
         ema=None,
         max_nonfinite_steps=5,
         eval_data_collator=None,
+        inference_defaults=None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.inference_defaults = inference_defaults
         self.eval_data_collator = eval_data_collator or self.data_collator
         self.vae = vae
         self.text_encoder = text_encoder
@@ -217,7 +221,13 @@ class OpenSoraTrainer(Trainer):
         if self.args.should_save:
             # Also in STDiT2.from_pretrained format, so inference can load a checkpoint directly.
             output_dir = output_dir if output_dir is not None else self.args.output_dir
-            unwrap_model(self.model).save_pretrained(output_dir)
+            self.export(unwrap_model(self.model), output_dir)
+
+    def export(self, model, directory):
+        """STDiT2 weights and config, plus the sampling settings it was trained for (inference.json)."""
+        model.save_pretrained(directory)
+        if self.inference_defaults is not None:
+            write_text_atomic(os.path.join(directory, "inference.json"), json.dumps(self.inference_defaults, indent=2) + "\n")
 
     def _save_checkpoint(self, model, metrics=None):
         super()._save_checkpoint(model, metrics=metrics)
@@ -225,7 +235,7 @@ class OpenSoraTrainer(Trainer):
             return
         checkpoint_dir = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
         if self.ema is not None:
-            self.ema.export(unwrap_model(self.model), os.path.join(checkpoint_dir, EMA_DIR_NAME))
+            self.ema.export(unwrap_model(self.model), os.path.join(checkpoint_dir, EMA_DIR_NAME), self.export)
         # Written last: a checkpoint without it was interrupted while saving and is not resumed from.
         with open(os.path.join(checkpoint_dir, COMPLETE_MARKER), "w") as f:
             f.write(f"{self.state.global_step}\n")

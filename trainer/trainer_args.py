@@ -66,6 +66,9 @@ class ModelArguments:
         metadata={"help": "JSON object of frame-mask probabilities (names of trainer/mask_generator.py), e.g. "
                   "'{\"mask_no\": 1.0}' to disable conditioning masks. Default: Open-Sora v1.1 ratios."},
     )
+    inference_cfg_scale: float = field(
+        default=7.0, metadata={"help": "Guidance scale recorded in the exported inference.json."}
+    )
     max_nonfinite_steps: int = field(
         default=5, metadata={"help": "Stop after this many consecutive steps with a non-finite loss."}
     )
