@@ -1,0 +1,119 @@
+"""Converter round trips on tiny checkpoints written in the PyTorch layouts (numpy + safetensors, no torch)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import pytest
+from safetensors.numpy import save_file
+
+from scripts.convert_checkpoint import convert_state_dict, convert_stdit2, convert_t5, convert_vae, layer_layout
+from utils.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FIXTURE = os.path.join(REPO, "tests", "fixtures", "stdit2_parity.npz")
+ORIGINAL_CONFIG = dict(  # as the original STDiT2Config.save_pretrained writes it (plus HF bookkeeping)
+    input_size=[None, None, None], input_sq_size=32, in_channels=4, patch_size=[1, 2, 2], hidden_size=48, depth=2,
+    num_heads=2, mlp_ratio=2.0, class_dropout_prob=0.1, pred_sigma=True, drop_path=0.0, no_temporal_pos_emb=False,
+    caption_channels=32, model_max_length=12, freeze=None, qk_norm=True, enable_flash_attn=False,
+    enable_layernorm_kernel=False, architectures=["STDiT2"], model_type="STDiT2", torch_dtype="float32",
+    transformers_version="4.36.2",
+)
+
+
+def torch_layout(model, rename=lambda key: key):
+    """A Paddle model's weights as PyTorch would store them (Linear weights transposed)."""
+    _, linear = layer_layout(model)
+    return {rename(name): (value.numpy().T if name in linear else value.numpy()).copy() for name, value in model.state_dict().items()}
+
+
+def test_stdit2_hf_directory_converts_to_the_original_outputs(tmp_path):
+    from models.stdit.stdit2 import STDiT2
+
+    fixture = np.load(FIXTURE)
+    source = tmp_path / "OpenSora-STDiT-v2-tiny"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps(ORIGINAL_CONFIG))
+    save_file({k[len("weight/"):]: fixture[k] for k in fixture.files if k.startswith("weight/")}, str(source / "model.safetensors"))
+    result = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", "stdit2", str(source), str(tmp_path / "out")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = STDiT2.from_pretrained(str(tmp_path / "out"))
+    model.eval()
+    size = {k[len("size/"):]: paddle.to_tensor(fixture[k]) for k in fixture.files if k.startswith("size/")}
+    out = model(*(paddle.to_tensor(fixture[k]) for k in ("x", "timestep", "y")), mask=paddle.to_tensor(fixture["mask"]), **size)
+    np.testing.assert_allclose(out.numpy(), fixture["out"], rtol=1e-4, atol=1e-4 * np.abs(fixture["out"]).max())
+
+
+def test_stdit2_raw_training_checkpoint_needs_a_config_and_names_bad_keys(tmp_path):
+    fixture = np.load(FIXTURE)
+    weights = {k[len("weight/"):]: fixture[k] for k in fixture.files if k.startswith("weight/")}
+    save_file(weights, str(tmp_path / "ema.safetensors"))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({k: v for k, v in ORIGINAL_CONFIG.items() if k != "input_size"}))
+    with pytest.raises(UserError, match="pass --config"):
+        convert_stdit2(str(tmp_path / "ema.safetensors"), str(tmp_path / "out"))
+    convert_stdit2(str(tmp_path / "ema.safetensors"), str(tmp_path / "out"), config_path=str(config))
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+    broken = dict(weights)
+    broken["blocks.0.attn.extra.weight"] = broken.pop("blocks.0.attn.qkv.weight")
+    save_file(broken, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(UserError, match=r"unused source keys: blocks\.0\.attn\.extra\.weight.*not filled: blocks\.0\.attn\.qkv\.weight"):
+        convert_stdit2(str(tmp_path / "broken.safetensors"), str(tmp_path / "out2"), config_path=str(config))
+    assert not (tmp_path / "out2").exists()
+
+
+def test_vae_diffusers_layout_with_old_attention_names(tmp_path):
+    from ppdiffusers import AutoencoderKL
+
+    paddle.seed(0)
+    config = dict(block_out_channels=[8, 8], down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                  norm_num_groups=4, latent_channels=4, sample_size=16)
+    model = AutoencoderKL(**config)
+    model.eval()
+    source = tmp_path / "sd-vae"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", **config}))
+    old = lambda k: k.replace(".to_q.", ".query.").replace(".to_k.", ".key.").replace(".to_v.", ".value.").replace(".to_out.0.", ".proj_attn.")  # noqa: E731
+    save_file(torch_layout(model, old), str(source / "diffusion_pytorch_model.safetensors"))
+    convert_vae(str(source), str(tmp_path / "out"))
+    converted = AutoencoderKL.from_pretrained(str(tmp_path / "out"))
+    converted.eval()
+    x = paddle.randn([1, 3, 16, 16])
+    np.testing.assert_allclose(converted.encode(x).latent_dist.mean.numpy(), model.encode(x).latent_dist.mean.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_t5_transformers_layout_skips_the_decoder(tmp_path, tiny_models):
+    from paddlenlp.transformers import T5EncoderModel
+
+    model = T5EncoderModel.from_pretrained(tiny_models["text_encoder"])
+    model.eval()
+    source = tmp_path / "t5"
+    source.mkdir()
+    config = json.loads(open(os.path.join(tiny_models["text_encoder"], "config.json")).read())
+    (source / "config.json").write_text(json.dumps({**config, "architectures": ["T5ForConditionalGeneration"]}))
+    weights = torch_layout(model)
+    weights["decoder.final_layer_norm.weight"] = np.ones(16, dtype=np.float32)
+    save_file(weights, str(source / "model.safetensors"))
+    shutil.copy(os.path.join(tiny_models["text_encoder"], "spiece.model"), source / "spiece.model")
+    convert_t5(str(source), str(tmp_path / "out"))
+    converted = T5EncoderModel.from_pretrained(str(tmp_path / "out"))
+    converted.eval()
+    ids = paddle.to_tensor([[3, 4, 5, 1]])
+    np.testing.assert_allclose(converted(ids)[0].numpy(), model(ids)[0].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_shape_mismatch_is_named():
+    with pytest.raises(UserError, match=r"shape mismatches: w \[2, 3\] -> w \[2, 2\]"):
+        convert_state_dict({"w": np.zeros((2, 3))}, {"w": [2, 2]}, set())
+
+
+def test_hub_name_without_network_says_how_to_convert(tmp_path):
+    result = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", "vae", "stabilityai/sd-vae-ft-ema", str(tmp_path / "o")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "download the files" in result.stderr and "Traceback" not in result.stderr
