@@ -8,6 +8,7 @@ bug of ours prints `internal error: ...` and exits with 1. The traceback is show
 import os
 import sys
 import traceback
+import warnings
 
 
 class UserError(Exception):
@@ -18,8 +19,14 @@ EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 
 
+# Warnings Paddle prints on every import that say nothing about the user's run.
+IMPORT_NOISE = ("No ccache found", "Setuptools is replacing distutils")
+
+
 def run_cli(main, argv=None):
     """Run `main(argv)` and map exceptions to exit codes. `--debug` (or OPENSORA_DEBUG=1) re-raises."""
+    for message in IMPORT_NOISE:
+        warnings.filterwarnings("ignore", message=message)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("OPENSORA_DEBUG") == "1"
     if "--debug" in argv:

@@ -172,10 +172,11 @@ def shard_for_this_process(jobs):
 def run_inference(argv, description):
     """The whole command: arguments, checks, models, generation; prints one line per written file."""
     from utils.config_utils import parse_args
-    from utils.runtime import configure_cpu_threads
+    from utils.runtime import configure_cpu_threads, quiet_library_logs
 
     args = parse_args(argv, description)
     configure_cpu_threads()
+    quiet_library_logs()
     jobs = shard_for_this_process(plan_jobs(args))
     check_save_dir(args.save_dir)
     pipeline = load_pipeline(args)

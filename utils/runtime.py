@@ -20,3 +20,12 @@ def configure_cpu_threads():
         threads = max(1, len(os.sched_getaffinity(0)) // max(1, local_processes))
     paddle.base.core.set_num_threads(int(threads))
     return int(threads)
+
+
+def quiet_library_logs():
+    """paddlenlp and ppdiffusers log every file they load at INFO level; a CLI user needs only warnings."""
+    from paddlenlp.utils.log import logger as paddlenlp_logger
+    from ppdiffusers.utils import logging as ppdiffusers_logging
+
+    paddlenlp_logger.set_level("WARNING")
+    ppdiffusers_logging.set_verbosity_warning()
