@@ -28,6 +28,7 @@ import time
 import av
 import numpy as np
 import paddle
+from ppdiffusers import AutoencoderKL
 
 from utils.errors import UserError, run_cli
 from utils.io import atomic_path
@@ -53,8 +54,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, help="folder holding train.csv and heldout.csv")
     parser.add_argument("--output-dir", required=True, help="folder for the trained VAE (replaced at the end)")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, cosine-decayed to 1%% of it")
     parser.add_argument(
         "--kl-weight", type=float, default=1e-5, help="weight of the KL term summed per frame, over pixels"
@@ -116,8 +117,9 @@ def evaluate(vae, frames, batch_size=64):
 
 
 def train(vae, frames, args):
+    schedule = paddle.optimizer.lr.CosineAnnealingDecay(args.lr, T_max=args.steps, eta_min=args.lr * 0.01)
     optimizer = paddle.optimizer.Adam(
-        learning_rate=paddle.optimizer.lr.CosineAnnealingDecay(args.lr, T_max=args.steps, eta_min=args.lr * 0.01),
+        learning_rate=schedule,
         parameters=vae.parameters(),
         grad_clip=paddle.nn.ClipGradByGlobalNorm(1.0),
     )
@@ -135,7 +137,7 @@ def train(vae, frames, args):
         loss.backward()
         optimizer.step()
         optimizer.clear_grad()
-        optimizer._learning_rate.step()
+        schedule.step()
         if step % args.log_every == 0 or step == args.steps:
             elapsed = time.time() - start
             print(
@@ -152,8 +154,6 @@ def main(argv):
     args = parse_args(argv)
     if args.steps <= 0 or args.batch_size <= 0:
         raise UserError(f"--steps {args.steps} --batch-size {args.batch_size}: both must be positive")
-    from ppdiffusers import AutoencoderKL
-
     configure_cpu_threads()
     paddle.seed(args.seed)
     started = time.time()

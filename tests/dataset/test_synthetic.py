@@ -1,0 +1,124 @@
+import csv
+import filecmp
+import os
+
+import av
+import numpy as np
+import pytest
+
+from dataset import synthetic
+from utils.errors import UserError
+
+
+def read_rows(csv_path):
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def decode(path):
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        codec, pix_fmt = stream.codec_context.name, stream.codec_context.pix_fmt
+        frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+    return frames, codec, pix_fmt
+
+
+def object_mask(frame, background_rgb):
+    """Pixels that clearly differ from the plain background colour."""
+    return np.abs(frame.astype(int) - np.array(background_rgb)).sum(axis=-1) > 120
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory):
+    """60 training clips (every seen combination at least once) of 8 frames at 64x64, 1 clip per held-out combo."""
+    output_dir = tmp_path_factory.mktemp("synthetic")
+    synthetic.write_dataset(output_dir, num_clips=60, num_heldout_clips_per_combination=1, seed=5, num_frames=8)
+    return output_dir
+
+
+def test_same_seed_gives_identical_csv_and_frames(tmp_path):
+    settings = dict(num_clips=3, num_heldout_clips_per_combination=1, seed=11, num_frames=4, size=(32, 48))
+    synthetic.write_dataset(tmp_path / "a", **settings)
+    synthetic.write_dataset(tmp_path / "b", **settings)
+    for name in ("train.csv", "heldout.csv", "combinations.json"):
+        assert filecmp.cmp(tmp_path / "a" / name, tmp_path / "b" / name, shallow=False)
+    for row in read_rows(tmp_path / "a" / "train.csv"):
+        frames_a, _, _ = decode(str(tmp_path / "a" / row["path"]))
+        frames_b, _, _ = decode(str(tmp_path / "b" / row["path"]))
+        np.testing.assert_array_equal(frames_a, frames_b)
+
+    synthetic.write_dataset(tmp_path / "c", **dict(settings, seed=12))
+    first_clip = "videos/train/000000.mp4"
+    assert not np.array_equal(decode(str(tmp_path / "a" / first_clip))[0], decode(str(tmp_path / "c" / first_clip))[0])
+
+
+def test_csv_columns_and_video_files(small_dataset):
+    rows = read_rows(small_dataset / "train.csv")
+    assert list(rows[0]) == ["path", "text", "num_frames", "height", "width", "fps", "aspect_ratio"]
+    assert len(rows) == 60
+    for row in rows[:5]:
+        frames, codec, pix_fmt = decode(str(small_dataset / row["path"]))
+        assert frames.shape == (8, 64, 64, 3)
+        assert (int(row["num_frames"]), int(row["height"]), int(row["width"])) == (8, 64, 64)
+        assert (codec, pix_fmt) == ("h264", "yuv420p")
+        assert float(row["aspect_ratio"]) == 1.0 and int(row["fps"]) == synthetic.DEFAULT_FPS
+
+
+def test_held_out_combinations_only_in_heldout_csv(small_dataset):
+    def combos(csv_name):
+        parsed = [synthetic.parse_caption(row["text"]) for row in read_rows(small_dataset / csv_name)]
+        return {(p["colour"], p["shape"], p["direction"]) for p in parsed}
+
+    held_out = set(synthetic.HELD_OUT_COMBINATIONS)
+    assert len(held_out) == 8
+    assert combos("train.csv") == set(synthetic.all_combinations()) - held_out
+    assert combos("heldout.csv") == held_out
+
+
+def test_frames_show_the_captioned_colour_shape_and_motion(small_dataset):
+    # Filled fraction of the object's bounding box: 1 for a square, pi/4 for a circle, 1/2 for a triangle.
+    fill_ranges = {"square": (0.9, 1.01), "circle": (0.7, 0.86), "triangle": (0.4, 0.62)}
+    for row in read_rows(small_dataset / "train.csv") + read_rows(small_dataset / "heldout.csv"):
+        caption = synthetic.parse_caption(row["text"])
+        frames, _, _ = decode(str(small_dataset / row["path"]))
+        centroids = []
+        for frame in frames[[0, -1]]:
+            mask = object_mask(frame, synthetic.BACKGROUNDS[caption["background"]])
+            ys, xs = np.nonzero(mask)
+            centroids.append(np.array([xs.mean(), ys.mean()]))
+            # The inner pixels carry the object's colour (edges are blended with the background).
+            core = frame[mask].astype(int)
+            colour_error = np.abs(np.median(core, axis=0) - np.array(synthetic.COLOURS[caption["colour"]]))
+            assert colour_error.max() < 30, (row["text"], np.median(core, axis=0))
+            box_area = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
+            low, high = fill_ranges[caption["shape"]]
+            assert low < mask.sum() / box_area < high, (row["text"], mask.sum() / box_area)
+        displacement = centroids[1] - centroids[0]
+        expected = np.array(synthetic.DIRECTIONS[caption["direction"]])
+        assert displacement @ expected > 10, (row["text"], displacement)  # ~2 px per frame over 7 frames
+        assert abs(displacement @ expected[::-1]) < 1.5, (row["text"], displacement)  # no sideways drift
+
+
+def test_parse_caption_round_trip_and_rejects_other_text():
+    text = synthetic.caption("yellow", "triangle", "up", "navy")
+    assert text == "a yellow triangle moving up on a navy background"
+    assert synthetic.parse_caption(text) == {
+        "colour": "yellow",
+        "shape": "triangle",
+        "direction": "up",
+        "background": "navy",
+    }
+    with pytest.raises(UserError):
+        synthetic.parse_caption("a purple circle moving up on a navy background")
+    with pytest.raises(UserError):
+        synthetic.parse_caption("a sunset over the sea")
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(size=(0, 64)), dict(size=(64, -2)), dict(size=(63, 64)), dict(num_frames=1), dict(num_clips=0)],
+)
+def test_bad_settings_raise_user_error(tmp_path, settings):
+    with pytest.raises(UserError):
+        synthetic.write_dataset(tmp_path, **settings)
+    assert not os.listdir(tmp_path)
