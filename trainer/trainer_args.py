@@ -6,7 +6,7 @@ from typing import List, Optional
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL_DIR = os.path.join(REPO_ROOT, "assets", "default_model")
-DEFAULT_DATA_PATH = os.path.join(REPO_ROOT, "assets", "data", "meta.csv")
+DEFAULT_DATA_PATH = os.path.join(REPO_ROOT, "assets", "data", "train.csv")
 
 
 @dataclass
