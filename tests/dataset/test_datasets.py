@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+
+from dataset.datasets import VariableVideoTextDataset, collate_batch, read_meta_csv
+from dataset.sampler import FixedSizeBatchSampler
+from dataset.synthetic import encode_mp4
+from utils.errors import UserError
+
+
+def numbered_video(path, num_frames, height=32, width=48, fps=8):
+    """Frame t has brightness 10 * t, so decoded frames reveal which source frames were taken."""
+    frames = np.stack([np.full((height, width, 3), 10 * t, dtype=np.uint8) for t in range(num_frames)])
+    path.write_bytes(encode_mp4(frames, fps))
+
+
+@pytest.fixture
+def meta(tmp_path):
+    (tmp_path / "clips").mkdir()
+    numbered_video(tmp_path / "clips" / "a.mp4", 20)
+    numbered_video(tmp_path / "clips" / "b.mp4", 12, fps=5)
+    (tmp_path / "clips" / "broken.mp4").write_bytes(encode_mp4(np.zeros((8, 32, 48, 3), np.uint8), 8)[:300])
+    csv = tmp_path / "meta.csv"
+    csv.write_text("path,text,num_frames,height,width,fps\nclips/a.mp4,first,20,32,48,8\nclips/b.mp4,second,12,32,48,5\nclips/broken.mp4,third,8,32,48,8\n")
+    return csv
+
+
+def test_frames_are_taken_every_interval_from_a_seeded_start(meta):
+    dataset = VariableVideoTextDataset(str(meta), frame_interval=3, num_frames=4, image_size=(16, 16), seed=1)
+    sample = dataset[0]
+    brightness = (sample["video"].mean(axis=(0, 2, 3)) + 1) * 127.5 / 10
+    steps = np.diff(np.round(brightness))
+    assert sample["video"].shape == (3, 4, 16, 16) and np.all(steps == 3)
+    assert dataset[0]["video"].tobytes() == sample["video"].tobytes()  # deterministic per seed/epoch/index
+    assert sample["fps"] == 8.0 and sample["text"] == "first" and sample["num_skipped"] == 0
+    starts = set()
+    for epoch in range(8):
+        dataset.set_epoch(epoch)
+        starts.add(int(round(((dataset[0]["video"].mean(axis=(0, 2, 3)) + 1) * 127.5 / 10)[0])))
+    assert len(starts) > 1 and starts <= set(range(0, 20 - 9))  # random starts that leave room for 4 frames
+
+
+def test_resize_crop_covers_the_target_and_keeps_the_range(meta):
+    dataset = VariableVideoTextDataset(str(meta), num_frames=2, image_size=(40, 20))
+    video = dataset[(1, 3, 24, 24)]["video"]  # a bucket index overrides the fixed size
+    assert video.shape == (3, 3, 24, 24) and video.min() >= -1 and video.max() <= 1
+    assert dataset[0]["video"].shape == (3, 2, 40, 20)
+
+
+def test_unreadable_video_is_replaced_logged_and_counted(meta, caplog):
+    dataset = VariableVideoTextDataset(str(meta), num_frames=4, image_size=(16, 16))
+    sample = dataset[2]
+    assert sample["num_skipped"] == 1 and sample["text"] == "first"
+    dataset[2]
+    assert sum("broken.mp4" in record.getMessage() for record in caplog.records) == 1
+    batch = collate_batch([dataset[0], dataset[2]])
+    assert batch["video"].shape == (2, 3, 4, 16, 16) and batch["num_skipped"].tolist() == [0, 1]
+
+
+def test_csv_errors_name_row_and_column(tmp_path, meta):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,text,num_frames,height\nclips/a.mp4,x,20,32\n")
+    with pytest.raises(UserError, match=r"missing columns \['width'\]"):
+        read_meta_csv(str(bad))
+    bad.write_text("path,text,num_frames,height,width\nclips/a.mp4,x,twenty,32,48\n")
+    with pytest.raises(UserError, match="line 2: column num_frames is 'twenty'"):
+        read_meta_csv(str(bad))
+    bad.write_text("path,text,num_frames,height,width\nclips/none.mp4,x,20,32,48\n")
+    with pytest.raises(UserError, match="line 2: file clips/none.mp4 not found"):
+        read_meta_csv(str(bad))
+    rows = read_meta_csv(f"{meta},{meta}")
+    assert len(rows) == 6 and rows[0]["aspect_ratio"] == pytest.approx(32 / 48)
+
+
+def test_fixed_size_sampler_is_disjoint_and_covers_each_item_once():
+    class Data:
+        def __len__(self):
+            return 23
+
+    samplers = [FixedSizeBatchSampler(Data(), batch_size=3, num_replicas=2, rank=r, seed=0) for r in range(2)]
+    batches = [list(s) for s in samplers]
+    flat = [i for rank in batches for batch in rank for i in batch]
+    assert len(batches[0]) == len(batches[1]) == len(samplers[0]) == 3 and len(set(flat)) == len(flat) == 18
+    samplers[0].set_epoch(1)
+    assert list(samplers[0]) != batches[0]
