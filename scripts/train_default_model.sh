@@ -18,5 +18,22 @@ model_dir="assets/default_model"
 # 3. Image VAE on the frames of the training clips (~20 min on 2 CPU cores).
 "$python" scripts/train_vae.py --data-dir "$data_dir" --output-dir "$model_dir/vae" --seed 0
 
-# 4. STDiT2 on the VAE latents and T5 caption embeddings.
-# PLACEHOLDER (lead): add the scripts/trainer_opensora.py command that writes "$model_dir/stdit2".
+# 4. STDiT2 with the real training script. The VAE is frozen and every clip is used whole, so the clips are
+#    encoded once (posterior mean and std) instead of at every step; each step still draws a fresh latent.
+#    Rectified flow, v1.1 frame masks with more conditioning (image/connect/extend/edit), EMA weights shipped.
+run_dir="${RUN_DIR:-runs/default_stdit2}"
+"$python" scripts/encode_latents.py --data-path "$data_dir/train.csv" --vae-path "$model_dir/vae" \
+    --num-frames 16 --image-size 64 64 --output-dir "$data_dir/latents" --batch-size 16
+"$python" scripts/trainer_opensora.py --do_train --output_dir "$run_dir" --overwrite_output_dir \
+    --model_config configs/stdit2/demo.json --latent_data_path "$data_dir/latents/latents.csv" \
+    --vae_path "$model_dir/vae" --text_encoder_path "$model_dir/text_encoder" --sampler rflow \
+    --rflow_sample_method logit-normal --per_device_train_batch_size 8 --learning_rate 5e-4 --warmup_steps 100 \
+    --lr_scheduler_type cosine --weight_decay 0.0 --max_grad_norm 1.0 --max_steps "${MAX_STEPS:-2800}" \
+    --save_steps 400 --save_total_limit 2 --logging_steps 50 --seed 42 --dataloader_num_workers 0 \
+    --report_to none --ema_decay 0.999 --inference_cfg_scale 4.0 \
+    --mask_ratios '{"mask_no": 0.5, "mask_quarter_random": 0.05, "mask_quarter_head": 0.1, "mask_quarter_tail": 0.05, "mask_quarter_head_tail": 0.05, "mask_image_random": 0.05, "mask_image_head": 0.1, "mask_image_tail": 0.05, "mask_image_head_tail": 0.05}'
+
+# 5. Ship the EMA weights with the sampling settings they were trained for.
+mkdir -p "$model_dir/stdit2"
+cp "$run_dir/ema/config.json" "$run_dir/ema/model.safetensors" "$run_dir/ema/inference.json" "$model_dir/stdit2/"
+"$python" scripts/evaluate.py --output "$model_dir/evaluation.json"
