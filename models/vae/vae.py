@@ -100,8 +100,15 @@ class VideoAutoencoderKL(paddle.nn.Layer):
     @paddle.no_grad()
     def decode(self, z):
         """Scaled latents [B, C, T, h, w] -> videos [B, 3, T, h*f, w*f]; memory bounded by the micro-batch."""
-        frames = [self.module.decode(latents / self.scaling_factor).sample for latents in self._frame_batches(z.astype(self.dtype))]
-        return self._to_video(paddle.concat(frames), z.shape[0])
+        output = None
+        start = 0
+        for latents in self._frame_batches(z.astype(self.dtype)):
+            frames = self.module.decode(latents / self.scaling_factor).sample
+            if output is None:  # filled in place: no second copy of the whole video, as a concat would make
+                output = paddle.empty([z.shape[0] * z.shape[2], *frames.shape[1:]], dtype=frames.dtype)
+            output[start : start + frames.shape[0]] = frames
+            start += frames.shape[0]
+        return self._to_video(output, z.shape[0])
 
     def get_latent_size(self, input_size):
         """(T, H, W) in pixels -> latent (T, H // f, W // f); None stays None."""
