@@ -37,7 +37,7 @@ def median(values):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--prompt", default="a red circle moving right on a black background")
+    parser.add_argument("--prompt", default="a red circle moving right on a dark background")
     parser.add_argument("--with-reference", action="store_true", help="also condition on assets/images/condition/wave.png")
     parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "bench_inference.json"))
     parser.add_argument("inference_args", nargs="*", help="extra scripts/inference.py flags (after --)")

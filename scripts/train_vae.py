@@ -60,6 +60,8 @@ def parse_args(argv):
     parser.add_argument(
         "--kl-weight", type=float, default=1e-5, help="weight of the KL term summed per frame, over pixels"
     )
+    parser.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up; use ~100 with --init-from")
+    parser.add_argument("--init-from", default=None, help="continue training this saved VAE instead of a new one")
     parser.add_argument("--max-clips", type=int, default=None, help="use only the first N training clips")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
@@ -118,6 +120,9 @@ def evaluate(vae, frames, batch_size=64):
 
 def train(vae, frames, args):
     schedule = paddle.optimizer.lr.CosineAnnealingDecay(args.lr, T_max=args.steps, eta_min=args.lr * 0.01)
+    if args.warmup_steps:
+        # Adam's first updates move every weight by ~lr whatever its gradient, which wrecks a trained VAE.
+        schedule = paddle.optimizer.lr.LinearWarmup(schedule, args.warmup_steps, start_lr=0.0, end_lr=args.lr)
     optimizer = paddle.optimizer.Adam(
         learning_rate=schedule,
         parameters=vae.parameters(),
@@ -161,7 +166,12 @@ def main(argv):
     heldout_frames = load_frames(os.path.join(args.data_dir, "heldout.csv"))
     print(f"loaded {len(train_frames)} training and {len(heldout_frames)} held-out frames", flush=True)
 
-    vae = AutoencoderKL(**VAE_CONFIG)
+    if args.init_from is None:
+        vae = AutoencoderKL(**VAE_CONFIG)
+    elif os.path.isfile(os.path.join(args.init_from, "config.json")):
+        vae = AutoencoderKL.from_pretrained(args.init_from)
+    else:
+        raise UserError(f"--init-from {args.init_from}: no saved VAE there (config.json missing); pass a VAE folder")
     training_seconds = train(vae, train_frames, args)
     heldout_psnr, latent_std = evaluate(vae, heldout_frames)
     # The latent scale is measured on training frames, as for Stable Diffusion's VAE.
@@ -174,9 +184,11 @@ def main(argv):
         "latent_std": train_latent_std,
         "heldout_latent_std": latent_std,
         "scaling_factor": 1.0 / train_latent_std,
+        "init_from": args.init_from,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "warmup_steps": args.warmup_steps,
         "kl_weight": args.kl_weight,
         "seed": args.seed,
         "num_training_frames": len(train_frames),

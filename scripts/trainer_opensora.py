@@ -18,6 +18,9 @@ from utils.errors import run_cli  # noqa: E402
 
 
 def main(argv):
+    # Intel OpenMP threads otherwise spin after each parallel region and, once the optimizer has run, slow
+    # the next kernels several-fold on a small CPU. Must be set before Paddle is imported.
+    os.environ.setdefault("KMP_BLOCKTIME", "0")
     import json
 
     from paddlenlp.trainer import PdArgumentParser, TrainingArguments, set_seed
