@@ -47,6 +47,7 @@ def main(argv):
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument("--strips-dir", help="also save one PNG strip (every other frame) of the first video of each task here")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if args.num_prompts < 1:
@@ -74,16 +75,30 @@ def main(argv):
         latents = pipeline.vae.encode(x, sample_posterior=False)
         return evaluation.to_frames(pipeline.vae.decode(latents)[0].numpy())
 
+    def captions_for(combinations):
+        return [random_clip(combo)[1] for combo in combinations]
+
     def random_clip(combination):
         clip = synthetic.sample_clip(rng, combination, num_frames, height, width)
         return clip, synthetic.caption(clip["colour"], clip["shape"], clip["direction"], clip["background"])
 
     results = {}
+
+    def save_strip(name, video, caption_text):
+        if not args.strips_dir:
+            return
+        strip = np.concatenate(list(video[::2].clip(0, 255).astype(np.uint8)), axis=1)
+        with atomic_path(os.path.join(args.strips_dir, f"{name}.png")) as tmp:
+            Image.fromarray(strip).save(tmp, format="PNG")
+        captions[name] = caption_text
+
+    captions = {}
     # ---- text to video: colour and direction
     for group, combinations in (("seen", synthetic.seen_combinations()), ("held_out", list(synthetic.HELD_OUT_COMBINATIONS))):
         picks = [combinations[i] for i in rng.permutation(len(combinations))[: args.num_prompts]]
-        captions = [random_clip(combo)[1] for combo in picks]
-        videos = generate(captions)
+        prompts = captions_for(picks)
+        videos = generate(prompts)
+        save_strip(f"t2v_{group}", videos[0], prompts[0])
         colour_hits = [evaluation.dominant_colour(v) == combo[0] for v, combo in zip(videos, picks)]
         direction_hits = [evaluation.motion_direction(v) == combo[2] for v, combo in zip(videos, picks)]
         results[f"t2v_{group}"] = dict(
@@ -112,6 +127,7 @@ def main(argv):
             refs.append(write_png(frames[0], f"first{i}.png"))
             prompts.append(text + json.dumps({"reference_path": refs[-1], "mask_strategy": "0"}))
         videos = generate(prompts)
+        save_strip("image_condition", videos[0], prompts[0])
         recon = [reconstruct(path)[0] for path in refs]
         results["image_condition"] = dict(
             psnr_conditioned_frame=float(np.mean([evaluation.psnr(v[0], r) for v, r in zip(videos, recon)])),
@@ -125,6 +141,7 @@ def main(argv):
             pairs.append(pair)
             prompts.append(text + json.dumps({"reference_path": ";".join(pair), "mask_strategy": "0;0,1,0,-1,1"}))
         videos = generate(prompts)
+        save_strip("connect", videos[0], prompts[0])
         results["connect"] = dict(
             psnr_first_frame=float(np.mean([evaluation.psnr(v[0], reconstruct(p[0])[0]) for v, p in zip(videos, pairs)])),
             psnr_last_frame=float(np.mean([evaluation.psnr(v[-1], reconstruct(p[1])[0]) for v, p in zip(videos, pairs)])),
@@ -137,6 +154,7 @@ def main(argv):
             sources.append(write_mp4(frames, f"video{i}.mp4"))
             prompts.append(text + json.dumps({"reference_path": sources[-1], "mask_strategy": f"0,0,0,-{given},{given}"}))
         videos = generate(prompts)
+        save_strip("extend", videos[0], prompts[0])
         results["extend"] = dict(
             conditioned_frames=given,
             psnr_conditioned_frames=float(np.mean([evaluation.psnr(v[:given], reconstruct(s)[-given:]) for v, s in zip(videos, sources)])),
@@ -147,11 +165,14 @@ def main(argv):
         for ratio in EDIT_RATIOS:
             prompts = [text + json.dumps({"reference_path": s, "mask_strategy": f"0,0,0,0,{num_frames},{ratio}"}) for (_, text), s in zip(clips, sources)]
             videos = generate(prompts)
+            save_strip(f"edit_{ratio}", videos[0], prompts[0])
             changes[str(ratio)] = float(np.mean([evaluation.mean_abs_change(v, reconstruct(s)) for v, s in zip(videos, sources)]))
         values = [changes[str(r)] for r in EDIT_RATIOS]
         results["edit"] = dict(mean_abs_change=changes, increases_with_ratio=bool(np.all(np.diff(values) > 0)))
 
     print_table(results)
+    if args.strips_dir:
+        write_text_atomic(os.path.join(args.strips_dir, "captions.json"), json.dumps(captions, indent=2) + "\n")
     if args.output:
         write_text_atomic(args.output, json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.output}")
