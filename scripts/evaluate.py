@@ -147,12 +147,13 @@ def main(argv):
             psnr_last_frame=float(np.mean([evaluation.psnr(v[-1], reconstruct(p[1])[0]) for v, p in zip(videos, pairs)])),
         )
 
-        # ---- extend: the last half of a video becomes the first half of the new clip
+        # ---- extend: the second half of a video becomes the first half of the new clip
         given = num_frames // 2
         prompts, sources = [], []
         for i, ((_, text), frames) in enumerate(zip(clips, rendered)):
             sources.append(write_mp4(frames, f"video{i}.mp4"))
-            prompts.append(text + json.dumps({"reference_path": sources[-1], "mask_strategy": f"0,0,0,-{given},{given}"}))
+            # the reference's last `given` frames open the new clip, which continues them
+            prompts.append(text + json.dumps({"reference_path": sources[-1], "mask_strategy": f"0,0,-{given},0,{given}"}))
         videos = generate(prompts)
         save_strip("extend", videos[0], prompts[0])
         results["extend"] = dict(
