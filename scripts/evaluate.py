@@ -90,7 +90,7 @@ def main(argv):
         strip = np.concatenate(list(video[::2].clip(0, 255).astype(np.uint8)), axis=1)
         with atomic_path(os.path.join(args.strips_dir, f"{name}.png")) as tmp:
             Image.fromarray(strip).save(tmp, format="PNG")
-        captions[name] = caption_text
+        captions[name] = caption_text.split("{")[0]  # the text, without the temporary reference paths
 
     captions = {}
     # ---- text to video: colour and direction

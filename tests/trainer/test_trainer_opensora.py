@@ -75,6 +75,14 @@ def test_train_checkpoint_resume_in_new_process_matches_uninterrupted_run(tiny_m
     assert os.path.exists(result.stdout.strip().splitlines()[-1])
 
 
+def test_held_out_loss_is_logged_at_fixed_timesteps(tiny_models, clips, tmp_path):
+    extra = ("--eval_data_path", clips, "--eval_max_samples", "2", "--evaluation_strategy", "steps", "--eval_steps", "1")
+    run([SCRIPT, *train_command(tiny_models, clips, tmp_path / "out", 2, extra)])
+    state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
+    eval_losses = [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry]
+    assert len(eval_losses) == 2 and all(np.isfinite(eval_losses))
+
+
 def test_two_process_cpu_run_keeps_ranks_identical(tiny_models, clips, tmp_path):
     log_dir = tmp_path / "logs"
     env = dict(os.environ)
