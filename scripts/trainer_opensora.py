@@ -33,7 +33,7 @@ def main(argv):
     from models.text_encoder.t5 import T5Encoder
     from models.vae.vae import VideoAutoencoderKL
     from trainer.mask_generator import MaskGenerator
-    from trainer.setup import build_training_scheduler, check_compatible, check_replicas_agree, configure_precision
+    from trainer.setup import build_training_scheduler, check_compatible, check_output_dir, check_replicas_agree, configure_precision
     from trainer.trainer import EMA_DIR_NAME, ExponentialMovingAverage, OpenSoraTrainer, latest_complete_checkpoint
     from trainer.trainer_args import DataArguments, ModelArguments
     from utils.errors import UserError
@@ -41,6 +41,7 @@ def main(argv):
 
     parser = PdArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    check_output_dir(training_args.output_dir)
     configure_precision(training_args)
     configure_cpu_threads()
     set_seed(training_args.seed)

@@ -142,7 +142,8 @@ def generate_long_video(args, batch, references, pipeline, latent_size, addition
     clips = []
     for loop_i in range(args.loop):
         if loop_i > 0:
-            previous_latents = vae.encode(clips[-1])
+            # only the frames that condition the next clip are re-encoded
+            previous_latents = vae.encode(clips[-1][:, :, -args.condition_frame_length :])
             references, mask_strategies = add_loop_condition(
                 references, mask_strategies, previous_latents, loop_i, args.condition_frame_length
             )
