@@ -66,3 +66,14 @@ def mean_flat(tensor, frame_mask=None):
     per_frame_elements = tensor.shape[1] * tensor.shape[3] * tensor.shape[4]
     total = (tensor * weights).reshape([tensor.shape[0], -1]).sum(axis=1)
     return total / (frame_mask.astype(tensor.dtype).sum(axis=1) * per_frame_elements).clip(min=1)
+
+
+def condition_training_input(x_t, x_given, mask, model_kwargs):
+    """Training input with conditioning frames (mask False) replaced by `x_given`, and the model kwargs with
+    the matching `x_mask`. mask [B, T] bool or None."""
+    model_kwargs = dict(model_kwargs)
+    if mask is None:
+        return x_t, model_kwargs
+    mask = mask.astype("bool")
+    model_kwargs["x_mask"] = mask
+    return paddle.where(frame_axis(mask), x_t, x_given), model_kwargs

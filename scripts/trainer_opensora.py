@@ -33,15 +33,16 @@ def main(argv):
     from models.text_encoder.t5 import T5Encoder
     from models.vae.vae import VideoAutoencoderKL
     from trainer.mask_generator import MaskGenerator
-    from trainer.setup import build_training_scheduler, check_compatible, check_output_dir, check_replicas_agree, configure_precision
+    from trainer.setup import build_training_scheduler, check_compatible, check_replicas_agree, configure_precision
     from trainer.trainer import EMA_DIR_NAME, ExponentialMovingAverage, OpenSoraTrainer, latest_complete_checkpoint
     from trainer.trainer_args import DataArguments, ModelArguments
     from utils.errors import UserError
+    from utils.io import ensure_writable_dir
     from utils.runtime import configure_cpu_threads
 
     parser = PdArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    check_output_dir(training_args.output_dir)
+    ensure_writable_dir(training_args.output_dir, "--output_dir")
     configure_precision(training_args)
     configure_cpu_threads()
     set_seed(training_args.seed)
@@ -74,18 +75,23 @@ def main(argv):
             raise UserError(f"--mask_ratios: {error}") from None
 
     # ---- data
+    def video_dataset(data_path, max_samples=None):
+        return VariableVideoTextDataset(
+            data_path,
+            frame_interval=data_args.frame_interval,
+            transform_name=data_args.transform_name,
+            num_frames=data_args.num_frames,
+            image_size=tuple(data_args.image_size),
+            max_samples=max_samples,
+            seed=training_args.seed,
+        )
+
     if data_args.latent_data_path:
         train_dataset = LatentTextDataset(data_args.latent_data_path)
         collate = collate_latents
         bucket_config = None  # latents have one size
     else:
-        train_dataset = VariableVideoTextDataset(
-            data_args.data_path,
-            frame_interval=data_args.frame_interval,
-            transform_name=data_args.transform_name,
-            num_frames=data_args.num_frames,
-            image_size=tuple(data_args.image_size),
-        )
+        train_dataset = video_dataset(data_args.data_path)
         collate = collate_batch
         bucket_config = data_args.bucket_config
     batch_sampler = build_batch_sampler(
@@ -98,14 +104,7 @@ def main(argv):
     )
     eval_dataset = None
     if data_args.eval_data_path:
-        eval_dataset = VariableVideoTextDataset(
-            data_args.eval_data_path,
-            frame_interval=data_args.frame_interval,
-            transform_name=data_args.transform_name,
-            num_frames=data_args.num_frames,
-            image_size=tuple(data_args.image_size),
-            max_samples=data_args.eval_max_samples,
-        )
+        eval_dataset = video_dataset(data_args.eval_data_path, max_samples=data_args.eval_max_samples)
 
     ema = ExponentialMovingAverage(model, model_args.ema_decay) if model_args.ema_decay > 0 else None
     first = train_dataset.rows[0]

@@ -16,17 +16,6 @@ def configure_precision(training_args):
         training_args.fp16_full_eval = training_args.bf16_full_eval = False
 
 
-def check_output_dir(output_dir):
-    import os
-
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"--output_dir {output_dir}: cannot create it ({error.strerror}); choose a writable directory") from None
-    if not os.access(output_dir, os.W_OK):
-        raise UserError(f"--output_dir {output_dir}: not writable; choose a writable directory")
-
-
 def check_compatible(config, vae, text_encoder):
     """The STDiT2 must take the VAE's latents and the text encoder's features."""
     if config.in_channels != vae.out_channels:

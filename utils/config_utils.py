@@ -6,10 +6,10 @@ the Open-Sora v1.1 sample defaults below.
 """
 
 import argparse
-import json
 import os
 
 from utils.errors import UserError
+from utils.io import read_json_object
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL_DIR = os.path.join(REPO_ROOT, "assets", "default_model")
@@ -83,19 +83,6 @@ def build_parser(description):
     add("--quiet", action="store_true", help="no progress bar")
     add("--overwrite", action="store_true", help="replace existing output files instead of picking new names")
     return parser
-
-
-def read_json_object(path, what):
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: {what} not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{path}: {what} is not valid JSON ({error})") from None
-    if not isinstance(values, dict):
-        raise UserError(f"{path}: {what} must be a JSON object")
-    return values
 
 
 def parse_args(argv, description):

@@ -13,6 +13,7 @@ import paddle
 
 from utils.config_utils import DTYPES
 from utils.errors import UserError
+from utils.io import ensure_writable_dir
 from utils.inference_utils import (
     add_loop_condition,
     apply_mask_strategy,
@@ -179,7 +180,7 @@ def run_inference(argv, description):
     configure_cpu_threads()
     quiet_library_logs()
     jobs = shard_for_this_process(plan_jobs(args))
-    check_save_dir(args.save_dir)
+    ensure_writable_dir(args.save_dir, "--save-dir")
     pipeline = load_pipeline(args)
     fit_image_size(args, pipeline.vae)
     for job, sample_k, video in generate_videos(args, jobs, pipeline):
@@ -205,12 +206,3 @@ def output_path(args, job, sample_k):
     """`{save_dir}/{sample_name}_{index}`, with `-k` when several samples are drawn per prompt (no extension)."""
     path = os.path.join(args.save_dir, f"{args.sample_name or 'sample'}_{job.index}")
     return f"{path}-{sample_k}" if args.num_sample != 1 else path
-
-
-def check_save_dir(save_dir):
-    try:
-        os.makedirs(save_dir, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"--save-dir {save_dir}: cannot create it ({error.strerror}); choose a writable directory") from None
-    if not os.access(save_dir, os.W_OK):
-        raise UserError(f"--save-dir {save_dir}: not writable; choose a writable directory")

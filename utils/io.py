@@ -1,9 +1,12 @@
 """Atomic file and directory writes: results appear complete under their final name or not at all."""
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
+
+from utils.errors import UserError
 
 
 @contextlib.contextmanager
@@ -56,3 +59,27 @@ def _fsync_directory(directory):
         pass
     finally:
         os.close(fd)
+
+
+def read_json_object(path, what):
+    """A JSON object from `path`, or a one-line UserError naming the file and the problem."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: {what} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: {what} is not valid JSON ({error})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: {what} must be a JSON object")
+    return values
+
+
+def ensure_writable_dir(path, flag):
+    """Create `path` if needed and check that files can be written there; `flag` names it in errors."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"{flag} {path}: cannot create it ({error.strerror}); choose a writable directory") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{flag} {path}: not writable; choose a writable directory")

@@ -34,7 +34,7 @@ from models.layers.blocks import (
     t2i_modulate,
 )
 from utils.errors import UserError
-from utils.io import atomic_path, write_text_atomic
+from utils.io import atomic_path, read_json_object, write_text_atomic
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -101,16 +101,7 @@ class STDiT2Config:
 
     @classmethod
     def from_json_file(cls, path):
-        if not os.path.isfile(path):
-            raise UserError(f"{path}: STDiT2 config file not found; pass a JSON file such as configs/stdit2/tiny.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                values = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise UserError(f"{path}: not a valid JSON config ({error})") from None
-        if not isinstance(values, dict):
-            raise UserError(f"{path}: an STDiT2 config must be a JSON object")
-        return cls.from_dict(values, source=path)
+        return cls.from_dict(read_json_object(path, "STDiT2 config (e.g. configs/stdit2/tiny.json)"), source=path)
 
     def to_dict(self):
         values = dataclasses.asdict(self)

@@ -11,7 +11,7 @@ import paddle
 from tqdm import tqdm
 
 from schedulers.guidance import doubled, encode_prompts, guided_prediction
-from schedulers.masking import FrameConditioning, mean_flat
+from schedulers.masking import FrameConditioning, condition_training_input, mean_flat
 
 
 def linear_betas(num_timesteps):
@@ -221,11 +221,9 @@ class IDDPM:
         t = t.astype("int64")
         noise = paddle.randn(x_start.shape, dtype=x_start.dtype) if noise is None else noise
         x_t = self.q_sample(x_start, t, noise)
-        model_kwargs = dict(model_kwargs)
-        if mask is not None:
+        if mask is not None:  # conditioning frames are given at t = 0, as in the original
+            x_t, model_kwargs = condition_training_input(x_t, self.q_sample(x_start, paddle.zeros_like(t), noise), mask, model_kwargs)
             mask = mask.astype("bool")
-            x_t = paddle.where(mask[:, None, :, None, None], x_t, self.q_sample(x_start, paddle.zeros_like(t), noise))
-            model_kwargs["x_mask"] = mask
         output = model(x_t, self.model_timesteps(t), **model_kwargs)
         eps = output[:, :channels]
         squared_error = (noise - eps) ** 2

@@ -9,7 +9,7 @@ import paddle
 from tqdm import tqdm
 
 from schedulers.guidance import doubled, encode_prompts, guided_prediction
-from schedulers.masking import FrameConditioning, mean_flat
+from schedulers.masking import FrameConditioning, condition_training_input, mean_flat
 
 SAMPLE_METHODS = ("uniform", "logit-normal")
 
@@ -124,12 +124,9 @@ class RFLOW:
                 t = self.transform(t, model_kwargs)
         t = t.astype("float32")
         noise = paddle.randn(x_start.shape, dtype=x_start.dtype) if noise is None else noise
-        x_t = self.add_noise(x_start, noise, t)
-        model_kwargs = dict(model_kwargs)
-        if mask is not None:
-            mask = mask.astype("bool")
-            x_t = paddle.where(mask[:, None, :, None, None], x_t, x_start)
-            model_kwargs["x_mask"] = mask
+        # conditioning frames are given clean (t = 0)
+        x_t, model_kwargs = condition_training_input(self.add_noise(x_start, noise, t), x_start, mask, model_kwargs)
+        mask = None if mask is None else mask.astype("bool")
         velocity = model(x_t, t, **model_kwargs)[:, : x_start.shape[1]]
         squared_error = (velocity - (x_start - noise)) ** 2
         if weights is not None:
