@@ -55,3 +55,12 @@ def test_prompts_are_split_across_processes(tiny_model_flags, tmp_path):
     rank0 = (tmp_path / "logs" / "workerlog.0").read_text()
     rank1 = (tmp_path / "logs" / "workerlog.1").read_text()
     assert "sample_0.mp4" in rank0 and "sample_2.mp4" in rank0 and "sample_1.mp4" in rank1
+
+
+def test_two_processes_writing_into_one_directory_keep_both_results(tiny_model_flags, tmp_path):
+    argv = [sys.executable, "scripts/inference.py", "--prompt", "a red circle", "--save-dir", str(tmp_path), "--quiet", *tiny_model_flags]
+    processes = [subprocess.Popen(argv + ["--seed", str(seed)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    outputs = [p.communicate(timeout=300)[0].strip() for p in processes]
+    assert all(p.returncode == 0 for p in processes)
+    assert sorted(os.listdir(tmp_path)) == ["sample_0.mp4", "sample_0_1.mp4"] and len(set(outputs)) == 2
+    assert digest(outputs[0]) != digest(outputs[1])
