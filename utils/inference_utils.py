@@ -17,9 +17,9 @@ import numpy as np
 import paddle
 from PIL import Image, UnidentifiedImageError
 
+from dataset.datasets import is_image, resize_crop
 from utils.errors import UserError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 JSON_KEYS = ("reference_path", "mask_strategy")
 MASK_DEFAULTS = ("0", "0", "0", "0", "1", "0")
 
@@ -156,10 +156,6 @@ def apply_mask_strategy(z, reference_latents, mask_strategies, loop_i):
 # ------------------------------------------------------------------------------------------- references
 
 
-def is_image(path):
-    return path.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def check_readable(path):
     if not os.path.exists(path):
         raise UserError(f"reference {path}: file not found")
@@ -191,14 +187,6 @@ def probe_reference(path):
     return count
 
 
-def resize_crop_image(image, height, width):
-    scale = max(height / image.height, width / image.width)
-    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.convert("RGB").resize(size, Image.BICUBIC)
-    left, top = (image.width - width) // 2, (image.height - height) // 2
-    return np.asarray(image.crop((left, top, left + width, top + height)))
-
-
 def read_from_path(path, image_size):
     """A reference as float32 [3, T, H, W] in [-1, 1], resized (short side) and centre-cropped."""
     height, width = image_size
@@ -206,10 +194,10 @@ def read_from_path(path, image_size):
     try:
         if is_image(path):
             with Image.open(path) as image:
-                frames = [resize_crop_image(image, height, width)]
+                frames = [resize_crop(image, height, width)]
         else:
             with av.open(path) as container:
-                frames = [resize_crop_image(frame.to_image(), height, width) for frame in container.decode(video=0)]
+                frames = [resize_crop(frame.to_image(), height, width) for frame in container.decode(video=0)]
     except (UnidentifiedImageError, OSError, av.error.FFmpegError) as error:
         raise UserError(f"reference {path}: cannot be read ({error})") from None
     if not frames:
