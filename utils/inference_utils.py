@@ -45,8 +45,6 @@ def extract_json_from_prompts(prompts):
         except json.JSONDecodeError as error:
             raise UserError(f"prompt {short(prompt)!r}: the JSON after the text is malformed ({error.msg}); write e.g. "
                             '{"reference_path": "a.png", "mask_strategy": "0"}') from None
-        if not isinstance(info, dict):
-            raise UserError(f"prompt {short(prompt)!r}: the part from '{{' on must be a JSON object")
         unknown = sorted(set(info) - set(JSON_KEYS))
         if unknown:
             raise UserError(f"prompt {short(prompt)!r}: unknown keys {unknown}; only {list(JSON_KEYS)} are allowed")
@@ -97,7 +95,7 @@ def parse_mask_strategy(mask_strategy, num_references=None):
     groups = []
     for number, group in enumerate(mask_strategy.split(";"), start=1):
         fields = [field.strip() for field in group.split(",")]
-        where = f"mask_strategy group {number} {group!r}"
+        where = f'mask_strategy group {number} "{group}"'
         if not 1 <= len(fields) <= 6 or fields == [""]:
             raise UserError(f"{where}: needs 1 to 6 comma-separated fields loop_id,m_id,m_ref_start,m_target_start,m_length,edit_ratio")
         fields += MASK_DEFAULTS[len(fields):]
@@ -125,7 +123,8 @@ def resolve_start(start, length):
 def validate_mask_strategy(groups, reference_lengths, num_frames):
     """Check that each group's frames exist in its reference and fit in the generated clip."""
     for number, group in enumerate(groups, start=1):
-        where = f"mask_strategy group {number} {','.join(str(v) for v in group)!r}"
+        text = ",".join(str(value) for value in group)
+        where = f'mask_strategy group {number} "{text}"'
         ref_length = reference_lengths[group.m_id]
         ref_start = resolve_start(group.m_ref_start, ref_length)
         if not (0 <= ref_start and ref_start + group.m_length <= ref_length):
@@ -170,8 +169,9 @@ def probe_reference(path):
     check_readable(path)
     if is_image(path):
         try:
+            # A full decode, not Image.verify(): verify passes truncated JPEGs.
             with Image.open(path) as image:
-                image.verify()
+                image.load()
         except (UnidentifiedImageError, OSError, SyntaxError) as error:
             raise UserError(f"reference {path}: not a readable image ({error})") from None
         return 1

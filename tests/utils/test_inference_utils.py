@@ -1,3 +1,4 @@
+import io
 import os
 
 import av
@@ -12,7 +13,9 @@ from utils.inference_utils import (
     MaskGroup,
     add_loop_condition,
     apply_mask_strategy,
+    collect_references,
     concat_loop_clips,
+    default_condition_frame_length,
     extract_json_from_prompts,
     parse_mask_strategy,
     probe_reference,
@@ -73,12 +76,16 @@ def test_parse_documented_strategies(strategy, expected):
     ("0,a", "must be numbers"),
     ("0,0,0,0,0", "m_length must be at least 1"),
     ("0,0,0,0,1,1.5", r"edit_ratio 1.5 must lie in \[0, 1\]"),
-    ("0;0,2", r'group 2 "0,2"|group 2 \'0,2\''),
+    ("0;0,2", r'group 2 "0,2": m_id 2 has no reference \(2 given'),
     ("", "1 to 6"),
 ])
 def test_bad_strategies_name_group_and_rule(strategy, message):
     with pytest.raises(UserError, match=message):
         parse_mask_strategy(strategy, num_references=2)
+
+
+def test_default_condition_frame_length():
+    assert [default_condition_frame_length(n) for n in (1, 3, 16, 51)] == [1, 1, 4, 12]
 
 
 def test_strategy_must_fit_references_and_clip():
@@ -146,6 +153,36 @@ def test_read_and_probe_references(media):
     assert np.all(np.diff(v.mean(axis=(0, 2, 3))) > 0)  # frames in order
 
 
+def jpeg_bytes():
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+class BlockAverageVAE:
+    """Stands in for the VAE: averages 8x8 pixel blocks and repeats the channel mean into 4 latent channels."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def encode(self, x):
+        self.calls += 1
+        B, C, T, H, W = x.shape
+        blocks = x.reshape([B, C, T, H // 8, 8, W // 8, 8]).mean(axis=[1, 4, 6])
+        return blocks[:, None].tile([1, 4, 1, 1, 1])
+
+
+def test_collect_references_encodes_each_path_once(media):
+    image, video = media
+    vae = BlockAverageVAE()
+    refs = collect_references([None, f"{image};{video}"], vae, (16, 24))
+    assert vae.calls == 2 and refs[0] == []
+    assert [list(r.shape) for r in refs[1]] == [[4, 1, 2, 3], [4, 6, 2, 3]]
+    np.testing.assert_allclose(refs[1][0].numpy(), 1.0, atol=0.02)  # the white image
+    expected = read_from_path(str(video), (16, 24)).reshape(3, 6, 2, 8, 3, 8).mean(axis=(0, 3, 5))
+    np.testing.assert_allclose(refs[1][1].numpy()[2], expected, atol=1e-5)
+
+
 def write(path, content):
     path.write_bytes(content)
     return str(path)
@@ -156,6 +193,7 @@ def write(path, content):
     (lambda d: str(d), "is a directory"),
     (lambda d: write(d / "empty.mp4", b""), "empty"),
     (lambda d: write(d / "text.png", b"not an image"), "not a readable image"),
+    (lambda d: write(d / "cut.jpg", jpeg_bytes()[:300]), "not a readable image"),
     (lambda d: write(d / "cut.mp4", encode_mp4(np.zeros((4, 16, 16, 3), np.uint8), 8)[:100]), "not a readable image or video|no decodable"),
 ])
 def test_bad_references(tmp_path, make, message):
