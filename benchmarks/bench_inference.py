@@ -53,9 +53,9 @@ def main():
     from utils.generation import generate_videos, load_pipeline, output_path, plan_jobs
     from utils.inference_utils import collect_references, save_sample
     from utils.io import write_text_atomic
-    from utils.runtime import configure_cpu_threads
+    from utils.runtime import configure_cpu_runtime
 
-    threads = configure_cpu_threads()
+    threads = configure_cpu_runtime()
     prompt = args.prompt
     if args.with_reference:
         prompt += json.dumps({"reference_path": os.path.join(REPO, "assets/images/condition/wave.png"), "mask_strategy": "0"})

@@ -24,7 +24,7 @@ import paddle  # noqa: E402
 
 from models.stdit.stdit2 import STDiT2, STDiT2Config  # noqa: E402
 from utils.io import write_text_atomic  # noqa: E402
-from utils.runtime import configure_cpu_threads  # noqa: E402
+from utils.runtime import configure_cpu_runtime  # noqa: E402
 
 # name: (config overrides, batch, latent frames, latent height, latent width, caption tokens)
 PRESETS = {
@@ -118,7 +118,7 @@ def main():
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "bench_stdit2.json"))
     args = parser.parse_args()
 
-    threads = configure_cpu_threads()
+    threads = configure_cpu_runtime()
     machine = dict(
         platform=platform.platform(), processor=platform.processor() or platform.machine(),
         cpus=len(os.sched_getaffinity(0)), threads=threads, paddle=paddle.__version__,

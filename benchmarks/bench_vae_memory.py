@@ -24,9 +24,9 @@ def measure(vae_path, frames, height, width, micro_batch_size):
     import paddle
 
     from models.vae.vae import VideoAutoencoderKL
-    from utils.runtime import configure_cpu_threads
+    from utils.runtime import configure_cpu_runtime
 
-    configure_cpu_threads()
+    configure_cpu_runtime()
     vae = VideoAutoencoderKL(vae_path, micro_batch_size=micro_batch_size or None)
     latents = paddle.randn([1, vae.out_channels, frames, height // vae.patch_size[1], width // vae.patch_size[2]])
     # warm up kernels on one frame, so the baseline includes allocator pools that do not grow with T

@@ -49,8 +49,8 @@ warnings.filterwarnings("ignore")
 sys.path.insert(0, {repo!r})
 import paddle
 from models.stdit.stdit2 import STDiT2, STDiT2Config
-from utils.runtime import configure_cpu_threads
-configure_cpu_threads()
+from utils.runtime import configure_cpu_runtime
+configure_cpu_runtime()
 paddle.seed(0)
 model = STDiT2(STDiT2Config(**{config!r})); model.eval()
 B, T, S, L = {batch}, {frames}, {size}, {tokens}

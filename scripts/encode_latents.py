@@ -23,7 +23,7 @@ def main(argv):
     from dataset.datasets import VariableVideoTextDataset
     from dataset.latents import encode_dataset
     from models.vae.vae import VideoAutoencoderKL
-    from utils.runtime import configure_cpu_threads
+    from utils.runtime import configure_cpu_runtime
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-path", required=True, help="meta CSV of the clips")
@@ -34,7 +34,7 @@ def main(argv):
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
-    configure_cpu_threads()
+    configure_cpu_runtime()
 
     dataset = VariableVideoTextDataset(
         args.data_path, frame_interval=args.frame_interval, num_frames=args.num_frames,

@@ -36,7 +36,7 @@ def main(argv):
     from utils.generation import generate_videos, load_pipeline, plan_jobs
     from utils.inference_utils import read_from_path
     from utils.io import atomic_path, write_text_atomic
-    from utils.runtime import configure_cpu_threads
+    from utils.runtime import configure_cpu_runtime
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", help="STDiT2 directory (default: the shipped model)")
@@ -52,7 +52,7 @@ def main(argv):
     args = parser.parse_args(argv)
     if args.num_prompts < 1:
         raise UserError(f"--num-prompts must be a positive integer, got {args.num_prompts}")
-    configure_cpu_threads()
+    configure_cpu_runtime()
 
     base_argv = ["--seed", str(args.seed), "--batch-size", str(args.batch_size), "--quiet"]
     for flag in ("model_path", "vae_path", "text_encoder_path", "num_sampling_steps"):

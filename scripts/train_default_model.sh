@@ -2,38 +2,51 @@
 # Rebuild the shipped demo model (assets/default_model) from nothing, on CPU.
 #   bash scripts/train_default_model.sh [DATA_DIR]
 # DATA_DIR (default: data/synthetic) receives the rendered toy videos; it is not part of the repo.
+# START_STEP=N skips the steps before N (e.g. START_STEP=4 retrains only STDiT2 on existing data and VAE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python="${PYTHON:-python}"
 data_dir="${1:-data/synthetic}"
 model_dir="assets/default_model"
+start_step="${START_STEP:-1}"
+
+# step N TITLE: true when step N should run; prints the step's title and the time since the script started.
+step() {
+    if (( start_step > $1 )); then return 1; fi
+    echo "== step $1 (${SECONDS}s since start): $2"
+}
 
 # 1. Toy data set: 2000 captioned training clips + the held-out combinations (~15 s).
-"$python" scripts/make_synthetic_data.py --output-dir "$data_dir" --num-clips 2000 --seed 0
+step 1 "toy data set" && "$python" scripts/make_synthetic_data.py --output-dir "$data_dir" --num-clips 2000 --seed 0
 
 # 2. Tokenizer trained on the captions + small random-init T5 encoder (seconds).
-"$python" scripts/make_text_encoder.py --output-dir "$model_dir/text_encoder" --seed 0
+step 2 "text encoder" && "$python" scripts/make_text_encoder.py --output-dir "$model_dir/text_encoder" --seed 0
 
 # 3. Image VAE on the frames of the training clips (~20 min on 2 CPU cores).
-"$python" scripts/train_vae.py --data-dir "$data_dir" --output-dir "$model_dir/vae" --seed 0
+step 3 "VAE" && "$python" scripts/train_vae.py --data-dir "$data_dir" --output-dir "$model_dir/vae" --seed 0
 
 # 4. STDiT2 with the real training script. The VAE is frozen and every clip is used whole, so the clips are
 #    encoded once (posterior mean and std) instead of at every step; each step still draws a fresh latent.
 #    Rectified flow, v1.1 frame masks with more conditioning (image/connect/extend/edit), EMA weights shipped.
 run_dir="${RUN_DIR:-runs/default_stdit2}"
-"$python" scripts/encode_latents.py --data-path "$data_dir/train.csv" --vae-path "$model_dir/vae" \
-    --num-frames 16 --image-size 64 64 --output-dir "$data_dir/latents" --batch-size 16
-"$python" scripts/trainer_opensora.py --do_train --output_dir "$run_dir" --overwrite_output_dir \
-    --model_config configs/stdit2/demo.json --latent_data_path "$data_dir/latents/latents.csv" \
-    --vae_path "$model_dir/vae" --text_encoder_path "$model_dir/text_encoder" --sampler rflow \
-    --rflow_sample_method logit-normal --per_device_train_batch_size 8 --learning_rate 5e-4 --warmup_steps 100 \
-    --lr_scheduler_type cosine --weight_decay 0.0 --max_grad_norm 1.0 --max_steps "${MAX_STEPS:-2800}" \
-    --save_steps 400 --save_total_limit 2 --logging_steps 50 --seed 42 --dataloader_num_workers 0 \
-    --report_to none --ema_decay 0.999 --inference_cfg_scale 4.0 \
-    --mask_ratios '{"mask_no": 0.5, "mask_quarter_random": 0.05, "mask_quarter_head": 0.1, "mask_quarter_tail": 0.05, "mask_quarter_head_tail": 0.05, "mask_image_random": 0.05, "mask_image_head": 0.1, "mask_image_tail": 0.05, "mask_image_head_tail": 0.05}'
+if step 4 "latents and STDiT2"; then
+    "$python" scripts/encode_latents.py --data-path "$data_dir/train.csv" --vae-path "$model_dir/vae" \
+        --num-frames 16 --image-size 64 64 --output-dir "$data_dir/latents" --batch-size 16
+    "$python" scripts/trainer_opensora.py --do_train --output_dir "$run_dir" --overwrite_output_dir \
+        --model_config configs/stdit2/demo.json --latent_data_path "$data_dir/latents/latents.csv" \
+        --vae_path "$model_dir/vae" --text_encoder_path "$model_dir/text_encoder" --sampler rflow \
+        --rflow_sample_method logit-normal --per_device_train_batch_size 16 --learning_rate 8e-4 \
+        --warmup_steps 150 --lr_scheduler_type cosine --weight_decay 0.0 --max_grad_norm 1.0 \
+        --max_steps "${MAX_STEPS:-6000}" --save_steps 400 --save_total_limit 2 --logging_steps 50 --seed 42 \
+        --dataloader_num_workers 0 --report_to none --ema_decay 0.999 --inference_cfg_scale 4.0 \
+        --mask_ratios '{"mask_no": 0.7, "mask_quarter_random": 0.03, "mask_quarter_head": 0.06, "mask_quarter_tail": 0.03, "mask_quarter_head_tail": 0.03, "mask_image_random": 0.03, "mask_image_head": 0.06, "mask_image_tail": 0.03, "mask_image_head_tail": 0.03}'
+fi
 
-# 5. Ship the EMA weights with the sampling settings they were trained for.
-mkdir -p "$model_dir/stdit2"
-cp "$run_dir/ema/config.json" "$run_dir/ema/model.safetensors" "$run_dir/ema/inference.json" "$model_dir/stdit2/"
-"$python" scripts/evaluate.py --output "$model_dir/evaluation.json"
+# 5. Ship the EMA weights with the sampling settings they were trained for, and measure them.
+if step 5 "ship and evaluate"; then
+    mkdir -p "$model_dir/stdit2"
+    cp "$run_dir/ema/config.json" "$run_dir/ema/model.safetensors" "$run_dir/ema/inference.json" "$model_dir/stdit2/"
+    "$python" scripts/evaluate.py --output "$model_dir/evaluation.json"
+fi
+echo "== done in ${SECONDS}s"

@@ -32,7 +32,7 @@ from ppdiffusers import AutoencoderKL
 
 from utils.errors import UserError, run_cli
 from utils.io import atomic_path
-from utils.runtime import configure_cpu_threads
+from utils.runtime import configure_cpu_runtime
 
 # 64x64 frames -> 8x8x4 latents: four resolution levels, three of which halve the size. The channel counts
 # are small because the frames are simple and CPU training time grows with the full-resolution width.
@@ -159,7 +159,7 @@ def main(argv):
     args = parse_args(argv)
     if args.steps <= 0 or args.batch_size <= 0:
         raise UserError(f"--steps {args.steps} --batch-size {args.batch_size}: both must be positive")
-    configure_cpu_threads()
+    configure_cpu_runtime()
     paddle.seed(args.seed)
     started = time.time()
     train_frames = load_frames(os.path.join(args.data_dir, "train.csv"), args.max_clips)

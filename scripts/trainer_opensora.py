@@ -38,13 +38,13 @@ def main(argv):
     from trainer.trainer_args import DataArguments, ModelArguments
     from utils.errors import UserError
     from utils.io import ensure_writable_dir
-    from utils.runtime import configure_cpu_threads
+    from utils.runtime import configure_cpu_runtime
 
     parser = PdArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     ensure_writable_dir(training_args.output_dir, "--output_dir")
     configure_precision(training_args)
-    configure_cpu_threads()
+    configure_cpu_runtime()
     set_seed(training_args.seed)
 
     # ---- frozen encoders and the STDiT2 to train

@@ -174,10 +174,10 @@ def shard_for_this_process(jobs):
 def run_inference(argv, description):
     """The whole command: arguments, checks, models, generation; prints one line per written file."""
     from utils.config_utils import parse_args
-    from utils.runtime import configure_cpu_threads, quiet_library_logs
+    from utils.runtime import configure_cpu_runtime, quiet_library_logs
 
     args = parse_args(argv, description)
-    configure_cpu_threads()
+    configure_cpu_runtime()
     quiet_library_logs()
     jobs = shard_for_this_process(plan_jobs(args))
     ensure_writable_dir(args.save_dir, "--save-dir")

@@ -30,6 +30,8 @@ from models.layers.blocks import (
     T2IFinalLayer,
     TimestepEmbedder,
     approx_gelu,
+    expand_as,
+    gated,
     layer_norm_without_affine,
     t2i_modulate,
 )
@@ -164,20 +166,20 @@ class STDiT2Block(nn.Layer):
         # spatial attention within each frame
         x_m = t2i_modulate(self.norm1(x), shift_msa, scale_msa)
         x_s = self.attn(x_m.reshape([B * T, S, C])).reshape([B, T, S, C])
-        x = x + self.drop_path(gate_msa * x_s)
+        x = x + self.drop_path(gated(gate_msa, x_s))
 
         # temporal attention across frames at each spatial position
         x_m = t2i_modulate(self.norm_temp(x), shift_tmp, scale_tmp)
         x_t = x_m.transpose([0, 2, 1, 3]).reshape([B * S, T, C])
         x_t = self.attn_temp(x_t, rope_cos_sin).reshape([B, S, T, C]).transpose([0, 2, 1, 3])
-        x = x + self.drop_path(gate_tmp * x_t)
+        x = x + self.drop_path(gated(gate_tmp, x_t))
 
         # cross attention to the caption (not modulated, as in PixArt)
         x = x + self.cross_attn(x.reshape([B, N, C]), y, text_mask, text_kv).reshape([B, T, S, C])
 
         # mlp
         x_m = t2i_modulate(self.norm2(x), shift_mlp, scale_mlp)
-        x = x + self.drop_path(gate_mlp * self.mlp(x_m))
+        x = x + self.drop_path(gated(gate_mlp, self.mlp(x_m)))
         return x.reshape([B, N, C])
 
 
@@ -315,7 +317,8 @@ class STDiT2(nn.Layer):
         resolution = paddle.sqrt(height[0].astype("float32") * width[0].astype("float32"))
         pos_emb = self.pos_embed(H, W, scale=resolution / self.input_sq_size, base_size=round(S**0.5), dtype=dtype)
         x = self.x_embedder(x)
-        x = (x.reshape([B, T, S, self.hidden_size]) + pos_emb[:, None]).reshape([B, T * S, self.hidden_size])
+        x = x.reshape([B, T, S, self.hidden_size])
+        x = (x + expand_as(pos_emb[:, None], x)).reshape([B, T * S, self.hidden_size])
 
         # adaptive-norm modulation inputs: once per forward, shared by all blocks
         t = self.t_embedder(timestep, dtype=dtype)

@@ -251,8 +251,7 @@ def test_position_embedding_matches_numpy_and_is_cached():
 def test_rotary_matches_complex_rotation():
     rope = RotaryEmbedding(8)
     x = np.random.default_rng(0).standard_normal([2, 5, 3, 8]).astype("float32")  # [B, L, H, D]
-    cos, sin = rope.cos_sin(5, "float32")
-    ours = apply_rotary(paddle.to_tensor(x), cos, sin).numpy()
+    ours = apply_rotary(paddle.to_tensor(x), *rope.cos_sin(5, "float32")).numpy()
     freqs = 1.0 / 10000 ** (np.arange(0, 8, 2) / 8)
     angles = np.arange(5)[:, None] * freqs[None]  # [L, D/2]
     pairs = x[..., 0::2] + 1j * x[..., 1::2]
