@@ -74,6 +74,13 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def matmul_peak_gflop_per_s(repeats, size=2048):
+    """fp32 GFLOP/s of one large square matmul: the best this machine's Paddle does, the yardstick for the
+    model's achieved GFLOP/s."""
+    a, b = paddle.randn([size, size]), paddle.randn([size, size])
+    return 2 * size**3 / median_time(lambda: paddle.matmul(a, b), repeats) / 1e9
+
+
 def bench_preset(name, repeats, train):
     overrides, batch, frames, height, width, text_tokens = PRESETS[name]
     config = STDiT2Config(**{"patch_size": (1, 2, 2), "qk_norm": True, "input_sq_size": 256, **overrides})
@@ -122,21 +129,25 @@ def main():
     machine = dict(
         platform=platform.platform(), processor=platform.processor() or platform.machine(),
         cpus=len(os.sched_getaffinity(0)), threads=threads, paddle=paddle.__version__,
-        device=paddle.device.get_device(),
+        device=paddle.device.get_device(), mkl_debug_cpu_type=os.environ.get("MKL_DEBUG_CPU_TYPE"),
     )
+    peak = matmul_peak_gflop_per_s(args.repeats)
+    print(f"matmul peak (2048^3 fp32): {peak:.1f} GFLOP/s")
     results = []
-    print(f"{'preset':<14}{'tokens':>8}{'fwd ms':>10}{'tok/s':>10}{'GFLOP':>9}{'GFLOP/s':>9}{'train ms':>10}{'GFLOP/s':>9}{'RSS MB':>9}")
+    print(f"{'preset':<14}{'tokens':>8}{'fwd ms':>10}{'tok/s':>10}{'GFLOP':>9}{'GFLOP/s':>9}{'%peak':>7}{'train ms':>10}{'GFLOP/s':>9}{'RSS MB':>9}")
     for name in args.presets:
         # the mid and XL sizes are too slow to train repeatedly on a small CPU; time their forward only
         r = bench_preset(name, args.repeats, train=not args.no_train and name in ("tiny", "shipped", "yardstick"))
+        r["forward_fraction_of_peak"] = r["forward_gflop_per_s"] / peak
         results.append(r)
         print(
             f"{name:<14}{r['tokens']:>8}{r['forward_ms']:>10.1f}{r['forward_tokens_per_s']:>10.0f}{r['forward_gflop']:>9.2f}"
-            f"{r['forward_gflop_per_s']:>9.1f}{r.get('train_step_ms', float('nan')):>10.1f}"
+            f"{r['forward_gflop_per_s']:>9.1f}{100 * r['forward_fraction_of_peak']:>7.0f}"
+            f"{r.get('train_step_ms', float('nan')):>10.1f}"
             f"{r.get('train_gflop_per_s', float('nan')):>9.1f}{r['peak_rss_mb']:>9.0f}",
             flush=True,
         )
-    write_text_atomic(args.output, json.dumps(dict(machine=machine, repeats=args.repeats, results=results), indent=2) + "\n")
+    write_text_atomic(args.output, json.dumps(dict(machine=machine, repeats=args.repeats, matmul_peak_gflop_per_s=peak, results=results), indent=2) + "\n")
     print(f"machine: {machine}\nwrote {args.output}")
 
 
