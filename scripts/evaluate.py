@@ -99,10 +99,12 @@ def main(argv):
         prompts = captions_for(picks)
         videos = generate(prompts)
         save_strip(f"t2v_{group}", videos[0], prompts[0])
-        colour_hits = [evaluation.dominant_colour(v) == combo[0] for v, combo in zip(videos, picks)]
-        direction_hits = [evaluation.motion_direction(v) == combo[2] for v, combo in zip(videos, picks)]
+        measured = [dict(prompt=p, colour=evaluation.dominant_colour(v), direction=evaluation.motion_direction(v)) for p, v in zip(prompts, videos)]
+        colour_hits = [m["colour"] == combo[0] for m, combo in zip(measured, picks)]
+        direction_hits = [m["direction"] == combo[2] for m, combo in zip(measured, picks)]
         results[f"t2v_{group}"] = dict(
-            prompts=len(picks), colour_accuracy=float(np.mean(colour_hits)), direction_accuracy=float(np.mean(direction_hits))
+            prompts=len(picks), colour_accuracy=float(np.mean(colour_hits)), direction_accuracy=float(np.mean(direction_hits)),
+            samples=measured,
         )
 
     with tempfile.TemporaryDirectory() as workdir:
@@ -183,6 +185,8 @@ def print_table(results):
     print(f"{'measurement':<45}{'value':>10}")
     for task, values in results.items():
         for name, value in values.items():
+            if isinstance(value, list):  # per-prompt details: JSON only
+                continue
             if isinstance(value, dict):
                 for key, item in value.items():
                     print(f"{task + '.' + name + '[' + key + ']':<45}{item:>10.3f}")

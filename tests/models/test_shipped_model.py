@@ -62,5 +62,8 @@ def test_evaluation_script_on_a_few_prompts(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads(output.read_text())
     assert set(results) == {"t2v_seen", "t2v_held_out", "image_condition", "connect", "extend", "edit"}
-    assert 0 <= results["t2v_seen"]["colour_accuracy"] <= 1
+    seen = results["t2v_seen"]
+    assert len(seen["samples"]) == seen["prompts"] == 2
+    colours = [sample["prompt"].split()[1] == sample["colour"] for sample in seen["samples"]]
+    assert seen["colour_accuracy"] == np.mean(colours)
     assert results["image_condition"]["psnr_conditioned_frame"] > 20
