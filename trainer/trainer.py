@@ -7,6 +7,7 @@ helpers that turn a batch of videos and captions into latents and text features 
 import contextlib
 import json
 import os
+import shutil
 
 import numpy as np
 import paddle
@@ -239,21 +240,51 @@ class OpenSoraTrainer(Trainer):
         # Written last: a checkpoint without it was interrupted while saving and is not resumed from.
         with open(os.path.join(checkpoint_dir, COMPLETE_MARKER), "w") as f:
             f.write(f"{self.state.global_step}\n")
+        if self.args.local_rank <= 0:  # one process per node, like paddlenlp
+            for path in checkpoints_to_delete(self.args.output_dir, self.args.save_total_limit):
+                logger.info(f"Deleting {path} (--save_total_limit {self.args.save_total_limit})")
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _rotate_checkpoints(self, use_mtime=False, output_dir=None):
+        # paddlenlp 2.8.1 rotates only when local_rank == 0, so never in a single-process run, and before our
+        # completion marker exists, so with --save_total_limit 1 a kill right after it could leave no complete
+        # checkpoint. _save_checkpoint rotates instead, once the new checkpoint is complete.
+        pass
 
 
-def latest_complete_checkpoint(output_dir):
-    """Newest `checkpoint-N` in `output_dir` that finished saving, or None. Torn ones are reported."""
+def checkpoint_steps(output_dir):
+    """Steps of the `checkpoint-N` directories in `output_dir`, ascending."""
     if not os.path.isdir(output_dir):
-        return None
+        return []
     steps = []
     for name in os.listdir(output_dir):
         prefix, _, step = name.partition("-")
         if prefix == "checkpoint" and step.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
             steps.append(int(step))
-    for step in sorted(steps, reverse=True):
+    return sorted(steps)
+
+
+def is_complete(checkpoint_dir):
+    return os.path.isfile(os.path.join(checkpoint_dir, COMPLETE_MARKER))
+
+
+def latest_complete_checkpoint(output_dir):
+    """Newest `checkpoint-N` in `output_dir` that finished saving, or None. Torn ones are reported."""
+    for step in reversed(checkpoint_steps(output_dir)):
         path = os.path.join(output_dir, f"checkpoint-{step}")
-        if os.path.isfile(os.path.join(path, COMPLETE_MARKER)):
+        if is_complete(path):
             return path
         logger.warning(f"{path} is incomplete (interrupted while saving); skipping it")
     return None
+
+
+def checkpoints_to_delete(output_dir, save_total_limit):
+    """Checkpoints older than the newest `save_total_limit` complete ones (torn ones among them too)."""
+    if not save_total_limit or save_total_limit <= 0:
+        return []
+    paths = [os.path.join(output_dir, f"checkpoint-{step}") for step in checkpoint_steps(output_dir)]
+    kept = [path for path in paths if is_complete(path)][-save_total_limit:]
+    if not kept:
+        return []
+    return paths[: paths.index(kept[0])]
 

@@ -12,6 +12,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from dataset.synthetic import write_dataset
+from trainer.trainer import checkpoints_to_delete
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -76,3 +77,16 @@ def test_diverging_training_stops_with_the_likely_causes(tiny_models, clips, tmp
     assert len(errors) == 1 and errors[0].startswith("error: training diverged: 3 consecutive steps")
     assert "bf16" in errors[0] and "learning_rate" in errors[0] and "Traceback" not in result.stderr
     assert "skipping the update" in result.stdout + result.stderr
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
+    for step, complete in ((2, True), (4, False), (6, True), (8, True), (10, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "checkpoint_complete").write_text(f"{step}\n")
+    (tmp_path / "checkpoint-x").mkdir()  # not a checkpoint name: never touched
+    names = lambda limit: [os.path.basename(p) for p in checkpoints_to_delete(str(tmp_path), limit)]
+    # 10 is torn but newer than every complete one: it may be the save in progress, so it stays
+    assert names(1) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert names(2) == ["checkpoint-2", "checkpoint-4"]
+    assert names(3) == names(5) == names(None) == names(0) == []
