@@ -23,7 +23,7 @@ step 1 "toy data set" && "$python" scripts/make_synthetic_data.py --output-dir "
 # 2. Tokenizer trained on the captions + small random-init T5 encoder (seconds).
 step 2 "text encoder" && "$python" scripts/make_text_encoder.py --output-dir "$model_dir/text_encoder" --seed 0
 
-# 3. Image VAE on the frames of the training clips (~20 min on 2 CPU cores).
+# 3. Image VAE on the frames of the training clips (~10 min on 2 CPU cores).
 step 3 "VAE" && "$python" scripts/train_vae.py --data-dir "$data_dir" --output-dir "$model_dir/vae" --seed 0
 
 # 4. STDiT2 with the real training script. The VAE is frozen and every clip is used whole, so the clips are
@@ -47,6 +47,6 @@ fi
 if step 5 "ship and evaluate"; then
     mkdir -p "$model_dir/stdit2"
     cp "$run_dir/ema/config.json" "$run_dir/ema/model.safetensors" "$run_dir/ema/inference.json" "$model_dir/stdit2/"
-    "$python" scripts/evaluate.py --output "$model_dir/evaluation.json"
+    "$python" scripts/evaluate.py --num-prompts 48 --output "$model_dir/evaluation.json" --strips-dir assets/results
 fi
 echo "== done in ${SECONDS}s"
