@@ -240,15 +240,14 @@ class OpenSoraTrainer(Trainer):
         # Written last: a checkpoint without it was interrupted while saving and is not resumed from.
         with open(os.path.join(checkpoint_dir, COMPLETE_MARKER), "w") as f:
             f.write(f"{self.state.global_step}\n")
-        if self.args.local_rank <= 0:  # one process per node, like paddlenlp
-            for path in checkpoints_to_delete(self.args.output_dir, self.args.save_total_limit):
-                logger.info(f"Deleting {path} (--save_total_limit {self.args.save_total_limit})")
-                shutil.rmtree(path, ignore_errors=True)
+        for path in checkpoints_to_delete(self.args.output_dir, self.args.save_total_limit):
+            logger.info(f"Deleting {path} (--save_total_limit {self.args.save_total_limit})")
+            shutil.rmtree(path, ignore_errors=True)
 
     def _rotate_checkpoints(self, use_mtime=False, output_dir=None):
         # paddlenlp 2.8.1 rotates only when local_rank == 0, so never in a single-process run, and before our
         # completion marker exists, so with --save_total_limit 1 a kill right after it could leave no complete
-        # checkpoint. _save_checkpoint rotates instead, once the new checkpoint is complete.
+        # checkpoint. _save_checkpoint rotates instead (in the saving process), once the new one is complete.
         pass
 
 

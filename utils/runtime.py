@@ -17,7 +17,8 @@ MKL_AVX2 = "5"
 
 
 def configure_cpu_runtime():
-    """Threads and allocator settings for Paddle's CPU kernels; a no-op on GPU builds.
+    """Process-wide settings for Paddle's CPU kernels (MKL code path, allocator, dense transposes, threads);
+    a no-op on GPU builds. Call it before any Paddle op runs.
 
     Returns the number of threads set, or None on GPU builds.
     """
@@ -42,7 +43,7 @@ def copy_on_transpose():
 
 
 def select_mkl_kernels_for_amd(cpuinfo_path="/proc/cpuinfo"):
-    """Let the MKL bundled with Paddle use its AVX2/AVX-512 kernels on AMD CPUs.
+    """Let the MKL bundled with Paddle use its AVX2 kernels on AMD CPUs.
 
     Paddle's CPU wheel ships MKL 2019, whose dispatcher gives non-Intel CPUs a generic code path: on this
     project's 2-core AMD EPYC an fp32 [8192, 192] x [192, 768] matmul ran at 72 GFLOP/s, and at 120 GFLOP/s

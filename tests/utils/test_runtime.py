@@ -38,13 +38,14 @@ def test_malloc_tuning_can_be_switched_off(monkeypatch):
 
 
 def test_configured_process_computes_the_same_and_uses_dense_transposes():
-    """In a fresh process (the settings are process-wide): threads set, stride kernels off, and a matmul and
-    an attention give the same numbers as numpy."""
+    """In a fresh process (the settings are process-wide): threads set, malloc tuned (glibc), stride kernels
+    off, and a matmul and an attention give the same numbers as numpy."""
     code = """
 import numpy as np, paddle
-from utils.runtime import configure_cpu_runtime
+from utils.runtime import configure_cpu_runtime, keep_freed_memory_in_process
 from models.layers.blocks import math_attention
 threads = configure_cpu_runtime()
+assert keep_freed_memory_in_process(), "mallopt refused the settings"
 assert threads >= 1, threads
 assert paddle.get_flags(["FLAGS_use_stride_kernel"])["FLAGS_use_stride_kernel"] is False
 rng = np.random.default_rng(0)
