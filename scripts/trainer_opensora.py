@@ -35,7 +35,7 @@ def main(argv):
     from trainer.mask_generator import MaskGenerator
     from trainer.setup import build_training_scheduler, check_compatible, check_replicas_agree, configure_precision
     from trainer.trainer import EMA_DIR_NAME, ExponentialMovingAverage, OpenSoraTrainer, latest_complete_checkpoint
-    from trainer.trainer_args import DataArguments, ModelArguments
+    from trainer.trainer_args import DEFAULT_MODEL_DIR, DataArguments, ModelArguments
     from utils.errors import UserError
     from utils.io import ensure_writable_dir
     from utils.runtime import configure_cpu_runtime
@@ -49,6 +49,11 @@ def main(argv):
 
     # ---- frozen encoders and the STDiT2 to train
     vae = VideoAutoencoderKL(model_args.vae_path, micro_batch_size=model_args.vae_micro_batch_size or None)
+    if model_args.model_config and model_args.pretrained_model_path:
+        raise UserError(
+            "--model_config starts a new, randomly initialised model and --pretrained_model_path fine-tunes an "
+            "existing one; pass only one of them"
+        )
     if model_args.model_config:
         config = STDiT2Config.from_json_file(model_args.model_config)
         config.gradient_checkpointing = model_args.gradient_checkpointing
@@ -56,7 +61,7 @@ def main(argv):
         model = STDiT2(config)
     else:
         model = STDiT2.from_pretrained(
-            model_args.pretrained_model_path,
+            model_args.pretrained_model_path or os.path.join(DEFAULT_MODEL_DIR, "stdit2"),
             gradient_checkpointing=model_args.gradient_checkpointing,
             freeze=model_args.freeze,
         )

@@ -4,8 +4,8 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_MODEL_DIR = os.path.join(REPO_ROOT, "assets", "default_model")
+from utils.config_utils import DEFAULT_MODEL_DIR, REPO_ROOT
+
 DEFAULT_DATA_PATH = os.path.join(REPO_ROOT, "assets", "data", "train.csv")
 
 
@@ -18,10 +18,10 @@ class ModelArguments:
             "model. When unset, training starts from --pretrained_model_path."
         },
     )
-    pretrained_model_path: str = field(
-        default=os.path.join(DEFAULT_MODEL_DIR, "stdit2"),
+    pretrained_model_path: Optional[str] = field(
+        default=None,
         metadata={"help": "STDiT2 directory to fine-tune (save_pretrained / convert_checkpoint.py output). "
-                  "Default: the small model shipped in assets/."},
+                  "Default, when --model_config is not given either: the small model shipped in assets/."},
     )
     vae_path: str = field(
         default=os.path.join(DEFAULT_MODEL_DIR, "vae"),

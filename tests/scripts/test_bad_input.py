@@ -109,3 +109,14 @@ def test_training_bad_csv_is_one_line(tmp_path, tiny_models):
         cwd=REPO, capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 2 and "missing columns" in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
+
+
+def test_training_refuses_new_model_and_pretrained_model_together(tmp_path, tiny_models):
+    result = subprocess.run(
+        [sys.executable, "scripts/trainer_opensora.py", "--do_train", "--output_dir", str(tmp_path / "out"),
+         "--model_config", "configs/stdit2/demo.json", "--pretrained_model_path", tiny_models["stdit2"]],
+        cwd=REPO, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "pass only one of them" in result.stderr.strip().splitlines()[-1]
+    assert not os.path.exists(tmp_path / "out") or not os.listdir(tmp_path / "out")
