@@ -50,8 +50,9 @@ def caption_losses(model, text_encoder, scheduler, latents, texts, sizes, noise_
     paddle.seed(seed)
     noise = paddle.randn(latents.shape, dtype=latents.dtype)
     encoded = {name: text_encoder.encode(captions) for name, captions in changed_captions(texts).items()}
-    first_frame_given = paddle.ones([latents.shape[0], latents.shape[2]], dtype="bool")
-    first_frame_given[:, 0] = False
+    # Frame mask of the scheduler: True = generated; frame 0 is given clean.
+    generated_frames = paddle.ones([latents.shape[0], latents.shape[2]], dtype="bool")
+    generated_frames[:, 0] = False
     rows = []
     with paddle.no_grad():
         for anchored in (False, True):
@@ -61,7 +62,7 @@ def caption_losses(model, text_encoder, scheduler, latents, texts, sizes, noise_
                 for name, text in encoded.items():
                     model_kwargs = dict(y=text["y"], mask=text["mask"], **sizes)
                     losses = scheduler.training_losses(
-                        model, latents, model_kwargs, mask=first_frame_given if anchored else None, t=t, noise=noise
+                        model, latents, model_kwargs, mask=generated_frames if anchored else None, t=t, noise=noise
                     )
                     row[name] = float(losses["loss"].mean())
                 rows.append(row)
@@ -81,9 +82,9 @@ def main(argv):
     from models.vae.vae import VideoAutoencoderKL
     from schedulers.rflow import RFLOW
     from trainer.trainer import size_conditions
-    from utils.config_utils import DEFAULT_MODEL_DIR, MODEL_DEFAULTS_NAME
+    from utils.config_utils import DEFAULT_MODEL_DIR, sampling_defaults
     from utils.errors import UserError
-    from utils.io import read_json_object, write_text_atomic
+    from utils.io import write_text_atomic
     from utils.runtime import configure_cpu_runtime
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -99,16 +100,14 @@ def main(argv):
         raise UserError(f"--num-clips {args.num_clips}: must be positive")
     configure_cpu_runtime()
 
-    defaults_path = os.path.join(args.model_path, MODEL_DEFAULTS_NAME)
-    defaults = read_json_object(defaults_path, "model defaults") if os.path.isfile(defaults_path) else {}
-    if defaults.get("sampler") != "rflow":
+    defaults = sampling_defaults(args.model_path)
+    if defaults["sampler"] != "rflow":
         raise UserError(
-            f"{args.model_path}: not a rectified-flow model ({MODEL_DEFAULTS_NAME} sampler is "
-            f"{defaults.get('sampler')!r}); caption_sensitivity.py measures rflow models only"
+            f"{args.model_path}: not a rectified-flow model (its sampler is {defaults['sampler']!r}); "
+            "caption_sensitivity.py measures rflow models only"
         )
-    num_frames, (height, width) = defaults.get("num_frames", 16), defaults.get("image_size", (64, 64))
     dataset = VariableVideoTextDataset(
-        args.data_path, num_frames=num_frames, image_size=(height, width), random_start=False
+        args.data_path, num_frames=defaults["num_frames"], image_size=tuple(defaults["image_size"]), random_start=False
     )
     indices = np.linspace(0, len(dataset) - 1, min(args.num_clips, len(dataset))).round().astype(int)
     samples = [dataset[int(i)] for i in indices]

@@ -42,6 +42,11 @@ def main(argv):
 
     parser = PdArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if model_args.model_config and model_args.pretrained_model_path:
+        raise UserError(
+            "--model_config starts a new, randomly initialised model and --pretrained_model_path fine-tunes an "
+            "existing one; pass only one of them"
+        )
     ensure_writable_dir(training_args.output_dir, "--output_dir")
     configure_precision(training_args)
     configure_cpu_runtime()
@@ -49,11 +54,6 @@ def main(argv):
 
     # ---- frozen encoders and the STDiT2 to train
     vae = VideoAutoencoderKL(model_args.vae_path, micro_batch_size=model_args.vae_micro_batch_size or None)
-    if model_args.model_config and model_args.pretrained_model_path:
-        raise UserError(
-            "--model_config starts a new, randomly initialised model and --pretrained_model_path fine-tunes an "
-            "existing one; pass only one of them"
-        )
     if model_args.model_config:
         config = STDiT2Config.from_json_file(model_args.model_config)
         config.gradient_checkpointing = model_args.gradient_checkpointing

@@ -85,6 +85,15 @@ def build_parser(description):
     return parser
 
 
+def sampling_defaults(model_path):
+    """The Open-Sora v1.1 sample defaults overridden by the model's own inference.json, when it has one."""
+    defaults = dict(OPEN_SORA_DEFAULTS)
+    defaults_path = os.path.join(model_path, MODEL_DEFAULTS_NAME)
+    if os.path.isfile(defaults_path):
+        defaults.update(read_json_object(defaults_path, "model inference defaults"))
+    return defaults
+
+
 def parse_args(argv, description):
     """Parse and resolve the inference arguments; validates everything that needs no model."""
     parser = build_parser(description)
@@ -99,10 +108,7 @@ def parse_args(argv, description):
 
     default_model = not any(key in cli or key in file_values for key in ("model_path", "vae_path", "text_encoder_path"))
     model_path = cli.get("model_path", file_values.get("model_path", os.path.join(DEFAULT_MODEL_DIR, "stdit2")))
-    model_defaults = dict(OPEN_SORA_DEFAULTS)
-    defaults_path = os.path.join(model_path, MODEL_DEFAULTS_NAME)
-    if os.path.isfile(defaults_path):
-        model_defaults.update(read_json_object(defaults_path, "model inference defaults"))
+    model_defaults = sampling_defaults(model_path)
     if default_model:
         model_defaults.update(
             vae_path=os.path.join(DEFAULT_MODEL_DIR, "vae"),
