@@ -122,6 +122,8 @@ def main(argv):
         num_sampling_steps=30 if model_args.sampler == "rflow" else 100,
         cfg_scale=model_args.inference_cfg_scale,
     )
+    if model_args.sampler == "rflow" and model_args.rflow_use_timestep_transform:
+        inference_defaults.update(use_timestep_transform=True, transform_scale=model_args.rflow_transform_scale)
     trainer = OpenSoraTrainer(
         model=model,
         args=training_args,

@@ -46,6 +46,7 @@ def build_training_scheduler(model_args, vae):
         return RFLOW(
             sample_method=model_args.rflow_sample_method,
             use_timestep_transform=model_args.rflow_use_timestep_transform,
+            transform_scale=model_args.rflow_transform_scale,
             temporal_compression=vae.temporal_compression,
         )
     raise UserError(f"--sampler {model_args.sampler!r} is not supported; choose 'iddpm' or 'rflow'")

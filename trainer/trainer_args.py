@@ -43,6 +43,11 @@ class ModelArguments:
         default=False,
         metadata={"help": "rflow: shift training timesteps by resolution and length (Open-Sora v1.2)."},
     )
+    rflow_transform_scale: float = field(
+        default=1.0,
+        metadata={"help": "rflow with --rflow_use_timestep_transform: multiplies the shift (v1.2 transform_scale); "
+                  "> 1 puts more training steps at high noise, where the layout and motion of a clip are decided."},
+    )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute STDiT2 blocks in the backward pass to save memory."}
     )

@@ -27,6 +27,9 @@ OPEN_SORA_DEFAULTS = dict(
     num_sampling_steps=100,
     cfg_scale=7.0,
     cfg_channel=3,
+    # rflow only (Open-Sora v1.2): shift the sampling timesteps towards noise, as the model was trained.
+    use_timestep_transform=False,
+    transform_scale=1.0,
 )
 GENERIC_DEFAULTS = dict(
     prompt=None,

@@ -104,7 +104,8 @@ def build_sampler(args, vae):
     return RFLOW(
         num_sampling_steps=args.num_sampling_steps,
         cfg_scale=args.cfg_scale,
-        use_timestep_transform=getattr(args, "use_timestep_transform", False),
+        use_timestep_transform=args.use_timestep_transform,
+        transform_scale=args.transform_scale,
         temporal_compression=vae.temporal_compression,
     )
 
