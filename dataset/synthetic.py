@@ -1,7 +1,7 @@
 """A captioned toy video data set: one coloured shape moving in a straight line over a plain background.
 
-Every clip shows a circle, square or triangle in one of five colours moving left, right, up or down, and is
-captioned "a red circle moving left on a dark background". A fixed set of colour x shape x direction
+Every clip shows a circle, square or triangle in one of five colours moving left, right, up or down (it
+starts in view anywhere and may leave the frame), and is captioned "a red circle moving left on a dark background". A fixed set of colour x shape x direction
 combinations (`HELD_OUT_COMBINATIONS`) never appears in the training split, so a model trained on it can be
 asked for those prompts to test whether it composes attributes it has only seen separately.
 
@@ -127,32 +127,26 @@ def check_settings(num_frames, height, width, fps):
 
 
 def sample_clip(rng, combination, num_frames, height, width):
-    """Draw the random parameters of one clip: background, object size, start position and speed (pixels)."""
+    """Draw the random parameters of one clip: background, object size, start position and speed (pixels).
+
+    The object starts fully in view anywhere in the frame, whatever its direction, and may leave the frame
+    before the clip ends. Were the start position chosen so that the whole path fits, an object near the left
+    edge would always move right, and a model could read the direction off the first frame instead of
+    learning it from the caption (a model trained that way ignored the caption's direction).
+    """
     colour, shape, direction = combination
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     scale = min(height, width) / REFERENCE_EXTENT
     size = rng.uniform(*OBJECT_SIZE_RANGE) * scale
-    dx, dy = DIRECTIONS[direction]
-    extent_along = width if dx else height
-    # Slow down when the whole path would not fit, so the object stays in view in every frame.
-    speed = min(SPEED * scale, (extent_along - size - 2) / (num_frames - 1))
-    travel = speed * (num_frames - 1)
-    centre = []
-    for extent, step in ((width, dx), (height, dy)):
-        low, high = size / 2 + 1, extent - size / 2 - 1
-        if step > 0:
-            high -= travel
-        elif step < 0:
-            low += travel
-        centre.append(rng.uniform(low, high))
+    start = tuple(rng.uniform(size / 2 + 1, extent - size / 2 - 1) for extent in (width, height))
     return {
         "colour": colour,
         "shape": shape,
         "direction": direction,
         "background": background,
         "size": size,
-        "speed": speed,
-        "start": tuple(centre),
+        "speed": SPEED * scale,
+        "start": start,
     }
 
 

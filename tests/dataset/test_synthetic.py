@@ -78,25 +78,36 @@ def test_held_out_combinations_only_in_heldout_csv(small_dataset):
 def test_frames_show_the_captioned_colour_shape_and_motion(small_dataset):
     # Filled fraction of the object's bounding box: 1 for a square, pi/4 for a circle, 1/2 for a triangle.
     fill_ranges = {"square": (0.9, 1.01), "circle": (0.7, 0.86), "triangle": (0.4, 0.62)}
-    for row in read_rows(small_dataset / "train.csv") + read_rows(small_dataset / "heldout.csv"):
+    motion_checked = left_the_frame = 0
+    rows = read_rows(small_dataset / "train.csv") + read_rows(small_dataset / "heldout.csv")
+    for row in rows:
         caption = synthetic.parse_caption(row["text"])
         frames, _, _ = decode(str(small_dataset / row["path"]))
-        centroids = []
-        for frame in frames[[0, -1]]:
-            mask = object_mask(frame, synthetic.BACKGROUNDS[caption["background"]])
-            ys, xs = np.nonzero(mask)
-            centroids.append(np.array([xs.mean(), ys.mean()]))
-            # The inner pixels carry the object's colour (edges are blended with the background).
-            core = frame[mask].astype(int)
-            colour_error = np.abs(np.median(core, axis=0) - np.array(synthetic.COLOURS[caption["colour"]]))
-            assert colour_error.max() < 30, (row["text"], np.median(core, axis=0))
-            box_area = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
-            low, high = fill_ranges[caption["shape"]]
-            assert low < mask.sum() / box_area < high, (row["text"], mask.sum() / box_area)
+        masks = [object_mask(frame, synthetic.BACKGROUNDS[caption["background"]]) for frame in frames]
+        # The object starts fully in view: colour and shape are checked on the first frame.
+        ys, xs = np.nonzero(masks[0])
+        assert 0 < xs.min() and xs.max() < 63 and 0 < ys.min() and ys.max() < 63, row["text"]
+        # The inner pixels carry the object's colour (edges are blended with the background).
+        colour_error = np.abs(np.median(frames[0][masks[0]].astype(int), axis=0) - np.array(synthetic.COLOURS[caption["colour"]]))
+        assert colour_error.max() < 30, (row["text"], colour_error)
+        box_area = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
+        low, high = fill_ranges[caption["shape"]]
+        assert low < masks[0].sum() / box_area < high, (row["text"], masks[0].sum() / box_area)
+
+        # Motion between the first and the last frame that still show the whole object (nothing on the border).
+        inside = [t for t, mask in enumerate(masks) if mask.any() and not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())]
+        left_the_frame += inside[-1] < len(frames) - 1
+        if inside[-1] < 3:
+            continue
+        motion_checked += 1
+        centroids = [np.array([np.nonzero(masks[t])[1].mean(), np.nonzero(masks[t])[0].mean()]) for t in (0, inside[-1])]
         displacement = centroids[1] - centroids[0]
         expected = np.array(synthetic.DIRECTIONS[caption["direction"]])
-        assert displacement @ expected > 10, (row["text"], displacement)  # ~2 px per frame over 7 frames
+        assert displacement @ expected > 1.5 * inside[-1], (row["text"], displacement)  # ~2 px per frame
         assert abs(displacement @ expected[::-1]) < 1.5, (row["text"], displacement)  # no sideways drift
+    assert motion_checked > len(rows) // 2
+    # Start positions do not depend on the direction, so some objects reach the border before the clip ends.
+    assert left_the_frame > 0
 
 
 def test_parse_caption_round_trip_and_rejects_other_text():
@@ -122,3 +133,9 @@ def test_bad_settings_raise_user_error(tmp_path, settings):
     with pytest.raises(UserError):
         synthetic.write_dataset(tmp_path, **settings)
     assert not os.listdir(tmp_path)
+
+
+def test_start_position_does_not_depend_on_the_direction():
+    # With the direction free of the first frame, only the caption can tell a model where the object goes.
+    starts = {direction: synthetic.sample_clip(np.random.default_rng(3), ("red", "circle", direction), 16, 64, 64)["start"] for direction in synthetic.DIRECTIONS}
+    assert len(set(starts.values())) == 1
