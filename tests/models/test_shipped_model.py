@@ -67,3 +67,6 @@ def test_evaluation_script_on_a_few_prompts(tmp_path):
     colours = [sample["prompt"].split()[1] == sample["colour"] for sample in seen["samples"]]
     assert seen["colour_accuracy"] == np.mean(colours)
     assert results["image_condition"]["psnr_conditioned_frame"] > 20
+    image_condition = results["image_condition"]
+    follows = [sample["prompt"].split()[4] == sample["direction"] for sample in image_condition["samples"]]
+    assert len(follows) == 2 and image_condition["direction_accuracy"] == np.mean(follows)
