@@ -78,11 +78,15 @@ def test_train_checkpoint_resume_in_new_process_matches_uninterrupted_run(tiny_m
 
 
 def test_held_out_loss_is_logged_at_fixed_timesteps(tiny_models, clips, tmp_path):
-    extra = ("--eval_data_path", clips, "--eval_max_samples", "2", "--evaluation_strategy", "steps", "--eval_steps", "1")
+    extra = ("--eval_data_path", clips, "--eval_max_samples", "2", "--evaluation_strategy", "steps", "--eval_steps", "1",
+             "--rflow_use_timestep_transform", "true", "--rflow_transform_scale", "6")
     run([SCRIPT, *train_command(tiny_models, clips, tmp_path / "out", 2, extra)])
     state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
     eval_losses = [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry]
     assert len(eval_losses) == 2 and all(np.isfinite(eval_losses))
+    # a model trained with the timestep shift is sampled with it
+    defaults = json.loads((tmp_path / "out" / "checkpoint-2" / "inference.json").read_text())
+    assert (defaults["sampler"], defaults["use_timestep_transform"], defaults["transform_scale"]) == ("rflow", True, 6.0)
 
 
 def test_two_process_cpu_run_keeps_ranks_identical(tiny_models, clips, tmp_path):

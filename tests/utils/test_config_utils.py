@@ -77,3 +77,24 @@ def test_config_file_errors(tmp_path):
     bad.write_text(json.dumps({"num_frame": 3}))
     with pytest.raises(UserError, match="unknown keys"):
         parse_args(["--prompt", "x", "--config", str(bad)], "t")
+
+
+def test_timestep_shift_of_the_model_reaches_the_sampler(tmp_path):
+    import types
+
+    import paddle
+
+    from utils.generation import build_sampler
+
+    vae = types.SimpleNamespace(temporal_compression=1)
+    argv = ["--prompt", "x", "--vae-path", "v", "--text-encoder-path", "t", "--model-path"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plain = build_sampler(parse_args(argv + [write_model_dir(tmp_path / "a", {"sampler": "rflow"})], "test"), vae)
+    assert not plain.use_timestep_transform
+    model_dir = write_model_dir(tmp_path / "b", {"sampler": "rflow", "use_timestep_transform": True, "transform_scale": 6.0})
+    shifted = build_sampler(parse_args(argv + [model_dir], "test"), vae)
+    # 64x64, 16 frames: shift = sqrt(64*64 / 512^2) * sqrt(16) * 6 = 3, and t' = 3t / (1 + 2t)
+    size = {key: paddle.to_tensor([value]) for key, value in dict(height=64.0, width=64.0, num_frames=16.0).items()}
+    t = shifted.transform(paddle.to_tensor([500.0]), size)
+    assert float(t[0]) == pytest.approx(1000 * 1.5 / 2.0)
