@@ -28,8 +28,9 @@ step 3 "VAE" && "$python" scripts/train_vae.py --data-dir "$data_dir" --output-d
 
 # 4. STDiT2 with the real training script. The VAE is frozen and every clip is used whole, so the clips are
 #    encoded once (posterior mean and std) instead of at every step; each step still draws a fresh latent.
-#    Rectified flow with the v1.2 timestep shift (x3 at 64x64x16: scale 6 times the base 0.5), so more steps train
-#    the high noise levels where a clip's layout and motion are decided; v1.1 frame masks with more conditioning (image/connect/extend/edit), EMA weights shipped.
+#    Rectified flow with the v1.2 timestep shift (x3 at 64x64x16: scale 6 times the base 0.5), so more steps
+#    train the high noise levels where a clip's layout and motion are decided; v1.1 frame masks with more
+#    conditioning (image/connect/extend/edit); the EMA weights are shipped.
 run_dir="${RUN_DIR:-runs/default_stdit2}"
 if step 4 "latents and STDiT2"; then
     "$python" scripts/encode_latents.py --data-path "$data_dir/train.csv" --vae-path "$model_dir/vae" \
@@ -37,7 +38,8 @@ if step 4 "latents and STDiT2"; then
     "$python" scripts/trainer_opensora.py --do_train --output_dir "$run_dir" --overwrite_output_dir \
         --model_config configs/stdit2/demo.json --latent_data_path "$data_dir/latents/latents.csv" \
         --vae_path "$model_dir/vae" --text_encoder_path "$model_dir/text_encoder" --sampler rflow \
-        --rflow_sample_method logit-normal --rflow_use_timestep_transform true --rflow_transform_scale 6.0 --per_device_train_batch_size 16 --learning_rate 8e-4 \
+        --rflow_sample_method logit-normal --rflow_use_timestep_transform true --rflow_transform_scale 6.0 \
+        --per_device_train_batch_size 16 --learning_rate 8e-4 \
         --warmup_steps 150 --lr_scheduler_type cosine --weight_decay 0.0 --max_grad_norm 1.0 \
         --max_steps "${MAX_STEPS:-6000}" --save_steps 400 --save_total_limit 2 --logging_steps 50 --seed 42 \
         --dataloader_num_workers 0 --report_to none --ema_decay 0.999 --inference_cfg_scale 4.0 \
