@@ -1,9 +1,10 @@
 """A captioned toy video data set: one coloured shape moving in a straight line over a plain background.
 
 Every clip shows a circle, square or triangle in one of five colours moving left, right, up or down (it
-starts in view anywhere and may leave the frame), and is captioned "a red circle moving left on a dark background". A fixed set of colour x shape x direction
-combinations (`HELD_OUT_COMBINATIONS`) never appears in the training split, so a model trained on it can be
-asked for those prompts to test whether it composes attributes it has only seen separately.
+starts in view anywhere and may leave the frame), and is captioned "a red circle moving left on a dark
+background". A fixed set of colour x shape x direction combinations (`HELD_OUT_COMBINATIONS`) never appears
+in the training split, so a model trained on it can be asked for those prompts to test whether it composes
+attributes it has only seen separately.
 
 Layout written by `write_dataset(output_dir, ...)`:
     train.csv, heldout.csv      meta CSVs (path,text,num_frames,height,width,fps,aspect_ratio), paths
@@ -126,7 +127,7 @@ def check_settings(num_frames, height, width, fps):
         raise UserError(f"fps={fps}: must be positive; pass e.g. 8")
 
 
-def sample_clip(rng, combination, num_frames, height, width):
+def sample_clip(rng, combination, height, width):
     """Draw the random parameters of one clip: background, object size, start position and speed (pixels).
 
     The object starts fully in view anywhere in the frame, whatever its direction, and may leave the frame
@@ -201,7 +202,7 @@ def write_split(output_dir, split, combinations, num_clips, seed, num_frames, he
     rows = []
     for index in range(num_clips):
         rng = np.random.default_rng([seed, split_index, index])
-        clip = sample_clip(rng, combinations[index % len(combinations)], num_frames, height, width)
+        clip = sample_clip(rng, combinations[index % len(combinations)], height, width)
         relative_path = f"videos/{split}/{index:06d}.mp4"
         data = encode_mp4(render_clip(clip, num_frames, height, width), fps)
         with atomic_path(os.path.join(output_dir, relative_path)) as tmp_path:

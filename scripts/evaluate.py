@@ -79,7 +79,7 @@ def main(argv):
         return [random_clip(combo)[1] for combo in combinations]
 
     def random_clip(combination):
-        clip = synthetic.sample_clip(rng, combination, num_frames, height, width)
+        clip = synthetic.sample_clip(rng, combination, height, width)
         return clip, synthetic.caption(clip["colour"], clip["shape"], clip["direction"], clip["background"])
 
     results = {}

@@ -137,5 +137,5 @@ def test_bad_settings_raise_user_error(tmp_path, settings):
 
 def test_start_position_does_not_depend_on_the_direction():
     # With the direction free of the first frame, only the caption can tell a model where the object goes.
-    starts = {direction: synthetic.sample_clip(np.random.default_rng(3), ("red", "circle", direction), 16, 64, 64)["start"] for direction in synthetic.DIRECTIONS}
+    starts = {direction: synthetic.sample_clip(np.random.default_rng(3), ("red", "circle", direction), 64, 64)["start"] for direction in synthetic.DIRECTIONS}
     assert len(set(starts.values())) == 1

@@ -10,7 +10,7 @@ def test_rendered_clips_are_measured_correctly(colour):
     rng = np.random.default_rng(0)
     for shape in SHAPES:
         for direction in DIRECTIONS:
-            clip = sample_clip(rng, (colour, shape, direction), 16, 64, 64)
+            clip = sample_clip(rng, (colour, shape, direction), 64, 64)
             frames = render_clip(clip, 16, 64, 64).astype(np.float32)
             assert dominant_colour(frames) == colour
             assert motion_direction(frames) == direction
