@@ -47,6 +47,11 @@ def main(argv):
             "--model_config starts a new, randomly initialised model and --pretrained_model_path fine-tunes an "
             "existing one; pass only one of them"
         )
+    if model_args.rflow_transform_scale != 1.0 and not (model_args.sampler == "rflow" and model_args.rflow_use_timestep_transform):
+        raise UserError(
+            f"--rflow_transform_scale {model_args.rflow_transform_scale} has no effect without --sampler rflow "
+            "--rflow_use_timestep_transform true; add them or drop it"
+        )
     ensure_writable_dir(training_args.output_dir, "--output_dir")
     configure_precision(training_args)
     configure_cpu_runtime()

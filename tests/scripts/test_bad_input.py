@@ -111,12 +111,16 @@ def test_training_bad_csv_is_one_line(tmp_path, tiny_models):
     assert result.returncode == 2 and "missing columns" in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
 
 
-def test_training_refuses_new_model_and_pretrained_model_together(tmp_path, tiny_models):
+@pytest.mark.parametrize("flags, message", [
+    (["--model_config", "configs/stdit2/demo.json", "--pretrained_model_path", "{stdit2}"], "pass only one of them"),
+    (["--sampler", "rflow", "--rflow_transform_scale", "6"], "has no effect without --sampler rflow --rflow_use_timestep_transform true"),
+])
+def test_training_refuses_contradictory_flags(tmp_path, tiny_models, flags, message):
+    flags = [flag.format(stdit2=tiny_models["stdit2"]) for flag in flags]
     result = subprocess.run(
-        [sys.executable, "scripts/trainer_opensora.py", "--do_train", "--output_dir", str(tmp_path / "out"),
-         "--model_config", "configs/stdit2/demo.json", "--pretrained_model_path", tiny_models["stdit2"]],
+        [sys.executable, "scripts/trainer_opensora.py", "--do_train", "--output_dir", str(tmp_path / "out"), *flags],
         cwd=REPO, capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "pass only one of them" in result.stderr.strip().splitlines()[-1]
+    assert message in result.stderr.strip().splitlines()[-1]
     assert not os.path.exists(tmp_path / "out")  # refused before anything is created
