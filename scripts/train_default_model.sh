@@ -2,7 +2,8 @@
 # Rebuild the shipped demo model (assets/default_model) from nothing, on CPU.
 #   bash scripts/train_default_model.sh [DATA_DIR]
 # DATA_DIR (default: data/synthetic) receives the rendered toy videos; it is not part of the repo.
-# START_STEP=N skips the steps before N (e.g. START_STEP=4 retrains only STDiT2 on existing data and VAE).
+# START_STEP=N skips the steps before N (e.g. START_STEP=4 retrains only STDiT2 on existing data and VAE,
+# START_STEP=5 only its second cycle).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,30 +27,40 @@ step 2 "text encoder" && "$python" scripts/make_text_encoder.py --output-dir "$m
 # 3. Image VAE on the frames of the training clips (~10 min on 2 CPU cores).
 step 3 "VAE" && "$python" scripts/train_vae.py --data-dir "$data_dir" --output-dir "$model_dir/vae" --seed 0
 
-# 4. STDiT2 with the real training script. The VAE is frozen and every clip is used whole, so the clips are
-#    encoded once (posterior mean and std) instead of at every step; each step still draws a fresh latent.
-#    Rectified flow with the v1.2 timestep shift (x3 at 64x64x16: scale 6 times the base 0.5), so more steps
-#    train the high noise levels where a clip's layout and motion are decided; v1.1 frame masks with more
-#    conditioning (image/connect/extend/edit); the EMA weights are shipped.
+# 4-5. STDiT2 with the real training script, in two cosine cycles: the second restarts from the first one's EMA
+#    weights at half the peak learning rate (its EMA is shipped). The VAE is frozen and every clip is used whole,
+#    so the clips are encoded once (posterior mean and std) instead of at every step; each step still draws a
+#    fresh latent. Rectified flow with the v1.2 timestep shift (x3 at 64x64x16: scale 6 times the base 0.5), so
+#    more steps train the high noise levels where a clip's layout and motion are decided; v1.1 frame masks with
+#    more conditioning (image/connect/extend/edit).
 run_dir="${RUN_DIR:-runs/default_stdit2}"
-if step 4 "latents and STDiT2"; then
+stdit2_recipe=(
+    --latent_data_path "$data_dir/latents/latents.csv" --vae_path "$model_dir/vae"
+    --text_encoder_path "$model_dir/text_encoder" --sampler rflow
+    --rflow_sample_method logit-normal --rflow_use_timestep_transform true --rflow_transform_scale 6.0
+    --per_device_train_batch_size 16 --lr_scheduler_type cosine --weight_decay 0.0 --max_grad_norm 1.0
+    --save_steps 400 --save_total_limit 2 --logging_steps 50 --dataloader_num_workers 0 --report_to none
+    --ema_decay 0.999 --inference_cfg_scale 4.0
+    --mask_ratios '{"mask_no": 0.7, "mask_quarter_random": 0.03, "mask_quarter_head": 0.06, "mask_quarter_tail": 0.03, "mask_quarter_head_tail": 0.03, "mask_image_random": 0.03, "mask_image_head": 0.06, "mask_image_tail": 0.03, "mask_image_head_tail": 0.03}'
+)
+if step 4 "latents and STDiT2, first cycle"; then
     "$python" scripts/encode_latents.py --data-path "$data_dir/train.csv" --vae-path "$model_dir/vae" \
         --num-frames 16 --image-size 64 64 --output-dir "$data_dir/latents" --batch-size 16
-    "$python" scripts/trainer_opensora.py --do_train --output_dir "$run_dir" --overwrite_output_dir \
-        --model_config configs/stdit2/demo.json --latent_data_path "$data_dir/latents/latents.csv" \
-        --vae_path "$model_dir/vae" --text_encoder_path "$model_dir/text_encoder" --sampler rflow \
-        --rflow_sample_method logit-normal --rflow_use_timestep_transform true --rflow_transform_scale 6.0 \
-        --per_device_train_batch_size 16 --learning_rate 8e-4 \
-        --warmup_steps 150 --lr_scheduler_type cosine --weight_decay 0.0 --max_grad_norm 1.0 \
-        --max_steps "${MAX_STEPS:-6000}" --save_steps 400 --save_total_limit 2 --logging_steps 50 --seed 42 \
-        --dataloader_num_workers 0 --report_to none --ema_decay 0.999 --inference_cfg_scale 4.0 \
-        --mask_ratios '{"mask_no": 0.7, "mask_quarter_random": 0.03, "mask_quarter_head": 0.06, "mask_quarter_tail": 0.03, "mask_quarter_head_tail": 0.03, "mask_image_random": 0.03, "mask_image_head": 0.06, "mask_image_tail": 0.03, "mask_image_head_tail": 0.03}'
+    "$python" scripts/trainer_opensora.py --do_train --output_dir "$run_dir/cycle1" --overwrite_output_dir \
+        --model_config configs/stdit2/demo.json "${stdit2_recipe[@]}" \
+        --learning_rate 8e-4 --warmup_steps 150 --max_steps 6000 --seed 42
+fi
+if step 5 "STDiT2, second cycle"; then
+    "$python" scripts/trainer_opensora.py --do_train --output_dir "$run_dir/cycle2" --overwrite_output_dir \
+        --pretrained_model_path "$run_dir/cycle1/ema" "${stdit2_recipe[@]}" \
+        --learning_rate 4e-4 --warmup_steps 100 --max_steps 1500 --seed 43
 fi
 
-# 5. Ship the EMA weights with the sampling settings they were trained for, and measure them.
-if step 5 "ship and evaluate"; then
+# 6. Ship the EMA weights with the sampling settings they were trained for, and measure them.
+if step 6 "ship and evaluate"; then
     mkdir -p "$model_dir/stdit2"
-    cp "$run_dir/ema/config.json" "$run_dir/ema/model.safetensors" "$run_dir/ema/inference.json" "$model_dir/stdit2/"
+    cp "$run_dir/cycle2/ema/config.json" "$run_dir/cycle2/ema/model.safetensors" "$run_dir/cycle2/ema/inference.json" \
+        "$model_dir/stdit2/"
     "$python" scripts/evaluate.py --num-prompts 48 --output "$model_dir/evaluation.json" --strips-dir assets/results
 fi
 echo "== done in ${SECONDS}s"
