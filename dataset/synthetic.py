@@ -1,8 +1,9 @@
 """A captioned toy video data set: one coloured shape moving in a straight line over a plain background.
 
 Every clip shows a circle, square or triangle in one of five colours moving left, right, up or down (it
-starts in view anywhere and may leave the frame), and is captioned "a red circle moving left on a dark
-background". A fixed set of colour x shape x direction combinations (`HELD_OUT_COMBINATIONS`) never appears
+starts in view anywhere and may leave the frame). Captions are written the ways people write them: "a red
+circle moving left on a dark background", "red circle heading left", "on a navy background, a red circle
+going left" (`CAPTION_TEMPLATES` x `MOTION_VERBS`). A fixed set of colour x shape x direction combinations (`HELD_OUT_COMBINATIONS`) never appears
 in the training split, so a model trained on it can be asked for those prompts to test whether it composes
 attributes it has only seen separately.
 
@@ -90,31 +91,74 @@ def seen_combinations():
     return [combo for combo in all_combinations() if combo not in held_out]
 
 
-def caption(colour, shape, direction, background):
-    return f"a {colour} {shape} moving {direction} on a {background} background"
+# Ways people write the same caption: with and without the background phrase, in another order, with or
+# without the article. The first is the canonical caption; those without {background} are the short ones.
+CAPTION_TEMPLATES = (
+    "a {colour} {shape} {verb} {direction} on a {background} background",
+    "a {colour} {shape} on a {background} background {verb} {direction}",
+    "on a {background} background, a {colour} {shape} {verb} {direction}",
+    "a {colour} {shape} {verb} {direction}",
+    "{colour} {shape} {verb} {direction}",
+)
+MOTION_VERBS = ("moving", "going", "heading")
+
+
+def caption(colour, shape, direction, background, template=CAPTION_TEMPLATES[0], verb="moving"):
+    """The caption of a clip; the defaults give the canonical "a red circle moving left on a dark background"."""
+    return template.format(colour=colour, shape=shape, verb=verb, direction=direction, background=background)
+
+
+def short_templates():
+    return [template for template in CAPTION_TEMPLATES if "{background}" not in template]
+
+
+def long_templates():
+    return [template for template in CAPTION_TEMPLATES if "{background}" in template]
+
+
+def random_caption(rng, colour, shape, direction, background):
+    """A caption in one of the ways people write it: template and verb drawn uniformly."""
+    template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
+    return caption(colour, shape, direction, background, template, MOTION_VERBS[rng.integers(len(MOTION_VERBS))])
+
+
+def all_captions():
+    """Every caption any template and verb can write, for every combination and background."""
+    return [
+        caption(colour, shape, direction, background, template, verb)
+        for colour, shape, direction, background in itertools.product(COLOURS, SHAPES, DIRECTIONS, BACKGROUNDS)
+        for template in CAPTION_TEMPLATES
+        for verb in MOTION_VERBS
+    ]
 
 
 def parse_caption(text):
-    """Inverse of `caption`: {"colour", "shape", "direction", "background"}; UserError if it does not fit."""
-    words = text.strip().split()
-    template = ["a", None, None, "moving", None, "on", "a", None, "background"]
-    if len(words) != len(template) or any(t is not None and t != w for t, w in zip(template, words)):
-        raise UserError(
-            f"caption {text!r}: not of the form 'a <colour> <shape> moving <direction> on a <background> "
-            "background'; use a caption written by dataset.synthetic.caption"
-        )
-    parsed = {"colour": words[1], "shape": words[2], "direction": words[4], "background": words[7]}
-    for key, known in (("colour", COLOURS), ("shape", SHAPES), ("direction", DIRECTIONS), ("background", BACKGROUNDS)):
-        if parsed[key] not in known:
-            raise UserError(f"caption {text!r}: unknown {key} {parsed[key]!r}; use one of {sorted(known)}")
-    return parsed
+    """The attributes named by a caption of any template: {"colour", "shape", "direction", "background"}
+    (background None for a short caption); UserError if it does not fit any template."""
+    words = text.strip().replace(",", " ").split()
+    found = {}
+    for key, known in (("colour", COLOURS), ("shape", SHAPES), ("direction", DIRECTIONS)):
+        named = [word for word in words if word in known]
+        if len(named) != 1:
+            raise UserError(
+                f"caption {text!r}: names {len(named)} {key}s, needs exactly one of {sorted(known)}; "
+                "write it like 'a red circle moving left on a dark background'"
+            )
+        found[key] = named[0]
+    backgrounds = [words[i - 1] for i in range(1, len(words)) if words[i] == "background"]
+    found["background"] = backgrounds[0] if backgrounds else None
+    for template, verb in itertools.product(CAPTION_TEMPLATES, MOTION_VERBS):
+        if caption(**found, template=template, verb=verb) == text.strip():
+            return found
+    raise UserError(
+        f"caption {text!r}: not written the way dataset.synthetic.caption writes captions, e.g. "
+        f"{caption('red', 'circle', 'left', 'dark')!r} or {caption('red', 'circle', 'left', None, short_templates()[0])!r}"
+    )
 
 
 def caption_vocabulary():
     """Every word a caption can contain."""
-    words = {"a", "moving", "on", "background"}
-    words.update(COLOURS, SHAPES, DIRECTIONS, BACKGROUNDS)
-    return sorted(words)
+    return sorted({word for text in all_captions() for word in text.replace(",", " ").split()})
 
 
 def check_settings(num_frames, height, width, fps):
@@ -208,7 +252,9 @@ def write_split(output_dir, split, combinations, num_clips, seed, num_frames, he
         with atomic_path(os.path.join(output_dir, relative_path)) as tmp_path:
             with open(tmp_path, "wb") as f:
                 f.write(data)
-        text = caption(clip["colour"], clip["shape"], clip["direction"], clip["background"])
+        # The caption has its own random stream, so the rendered clips do not depend on how it is written.
+        caption_rng = np.random.default_rng([seed, split_index, index, 1])
+        text = random_caption(caption_rng, clip["colour"], clip["shape"], clip["direction"], clip["background"])
         rows.append([relative_path, text, num_frames, height, width, fps, f"{height / width:.4f}"])
     return rows
 

@@ -31,9 +31,9 @@ def changed_captions(texts):
     colours = list(synthetic.COLOURS)
 
     def rewrite(text, key, new_value):
-        parsed = synthetic.parse_caption(text)
-        parsed[key] = new_value(parsed[key])
-        return synthetic.caption(parsed["colour"], parsed["shape"], parsed["direction"], parsed["background"])
+        """The caption with one attribute word replaced, worded as before."""
+        old = synthetic.parse_caption(text)[key]
+        return " ".join(new_value(old) if word == old else word for word in text.split(" "))
 
     return {
         "true": list(texts),

@@ -17,7 +17,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
 import io
-import itertools
 import tempfile
 
 from dataset import synthetic
@@ -35,15 +34,6 @@ T5_SETTINGS = {
 }
 # Upper bound: 256 byte tokens, 3 special tokens, the letters and enough merges to make every caption word whole.
 MAX_VOCAB_SIZE = 400
-
-
-def all_captions():
-    return [
-        synthetic.caption(colour, shape, direction, background)
-        for colour, shape, direction, background in itertools.product(
-            synthetic.COLOURS, synthetic.SHAPES, synthetic.DIRECTIONS, synthetic.BACKGROUNDS
-        )
-    ]
 
 
 def train_sentencepiece(sentences, vocab_size=MAX_VOCAB_SIZE):
@@ -79,7 +69,7 @@ def build_text_encoder(output_dir, seed=0):
     with tempfile.TemporaryDirectory() as work_dir:
         spm_path = os.path.join(work_dir, "spiece.model")
         with open(spm_path, "wb") as f:
-            f.write(train_sentencepiece(all_captions()))
+            f.write(train_sentencepiece(synthetic.all_captions()))
         # No <extra_id_*> sentinels: they only matter for T5's span-corruption pre-training.
         tokenizer = T5Tokenizer(sentencepiece_model_file=spm_path, extra_ids=0)
         vocab_size = len(tokenizer)
@@ -120,7 +110,7 @@ def main(argv):
         raise UserError(f"--output-dir {args.output_dir}: is a file; pass a folder path")
     vocab_size = build_text_encoder(args.output_dir, seed=args.seed)
     tokenizer, _ = check_text_encoder(args.output_dir)
-    example = all_captions()[0]
+    example = synthetic.all_captions()[0]
     print(f"vocabulary size {vocab_size}; {example!r} -> {tokenizer.tokenize(example)}")
     print(f"saved {args.output_dir}")
 

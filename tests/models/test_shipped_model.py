@@ -10,6 +10,7 @@ import numpy as np
 import paddle
 import pytest
 
+from dataset import synthetic
 from models.stdit.stdit2 import STDiT2
 from models.text_encoder.t5 import T5Encoder
 from models.vae.vae import VideoAutoencoderKL
@@ -57,16 +58,25 @@ def test_default_command_with_few_steps(tmp_path):
 @pytest.mark.slow
 def test_evaluation_script_on_a_few_prompts(tmp_path):
     output = tmp_path / "eval.json"
-    result = subprocess.run([sys.executable, "scripts/evaluate.py", "--num-prompts", "2", "--output", str(output)],
-                            cwd=REPO, capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(
+        [sys.executable, "scripts/evaluate.py", "--num-prompts", "2", "--seeds", "3", "4", "--output", str(output)],
+        cwd=REPO, capture_output=True, text=True, timeout=1200,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads(output.read_text())
-    assert set(results) == {"t2v_seen", "t2v_held_out", "image_condition", "connect", "extend", "edit"}
-    seen = results["t2v_seen"]
-    assert len(seen["samples"]) == seen["prompts"] == 2
-    colours = [sample["prompt"].split()[1] == sample["colour"] for sample in seen["samples"]]
-    assert seen["colour_accuracy"] == np.mean(colours)
-    assert results["image_condition"]["psnr_conditioned_frame"] > 20
+    assert set(results) == {"t2v", "t2v_samples", "image_condition", "connect", "extend", "edit"}
+    held_out = {tuple(combo) for combo in synthetic.HELD_OUT_COMBINATIONS}
+    for name, entry in results["t2v_samples"].items():
+        assert len(entry["samples"]) == 2 and entry["seed"] in (3, 4)
+        for sample in entry["samples"]:
+            parsed = synthetic.parse_caption(sample["prompt"])
+            assert (parsed["background"] is None) == (entry["kind"] == "short")
+            assert ((parsed["colour"], parsed["shape"], parsed["direction"]) in held_out) == (entry["group"] == "held_out")
+    seen_short = results["t2v"]["seen_short"]
+    samples = [s for e in results["t2v_samples"].values() if (e["group"], e["kind"]) == ("seen", "short") for s in e["samples"]]
+    assert seen_short["prompts"] == len(samples) == 4
+    assert seen_short["colour_accuracy"] == np.mean([s["colour_correct"] for s in samples])
+    assert seen_short["lenient_direction_accuracy"] == np.mean([s["lenient_direction_correct"] for s in samples])
     image_condition = results["image_condition"]
-    follows = [sample["prompt"].split()[4] == sample["direction"] for sample in image_condition["samples"]]
-    assert len(follows) == 2 and image_condition["direction_accuracy"] == np.mean(follows)
+    assert image_condition["psnr_conditioned_frame"] > 20
+    assert image_condition["direction_accuracy"] == np.mean([s["direction_correct"] for s in image_condition["samples"]])

@@ -29,6 +29,9 @@ def test_each_variant_changes_exactly_one_attribute():
         "other_colour": ["a green circle moving left on a dark background",
                          "a red square moving up on a navy background"],
     }
+    short = caption_sensitivity.changed_captions(["on a gray background, a blue square heading down", "red circle going up"])
+    assert short["opposite_direction"] == ["on a gray background, a blue square heading up", "red circle going down"]
+    assert short["other_colour"] == ["on a gray background, a yellow square heading down", "green circle going up"]
 
 
 @pytest.fixture(scope="module")
