@@ -43,6 +43,69 @@ def test_shipped_models_load_and_give_finite_outputs():
     assert video.shape == [1, 3, 2, 64, 64] and np.isfinite(video.numpy()).all()
 
 
+# Issue 14: the VAE shipped before v2 turns red into orange-brown and solid colour frames into grey. The
+# marks below come off when a VAE that keeps colours ships (strict: a passing test then fails the run).
+OLD_VAE_SHIFTS_COLOURS = pytest.mark.xfail(
+    strict=True, reason="issue 14: the shipped VAE (trained on toy frames only) shifts object colours"
+)
+
+
+def round_trip(vae, frames):
+    """uint8 frames [N, H, W, 3] -> encode (posterior mean) -> decode -> float frames in [0, 255]."""
+    video = paddle.to_tensor(frames.transpose(3, 0, 1, 2)[None].astype("float32") / 127.5 - 1.0)
+    decoded = vae.decode(vae.encode(video, sample_posterior=False))[0].numpy()
+    return ((decoded.clip(-1, 1) + 1) * 127.5).transpose(1, 2, 3, 0)
+
+
+def palette_frames():
+    """A square of every palette colour on every background (with the square's own pixels), and frames
+    filled with each palette and background colour."""
+    objects, masks = [], []
+    for rgb in synthetic.COLOURS.values():
+        for background in synthetic.BACKGROUNDS.values():
+            frame = np.empty((64, 64, 3), np.uint8)
+            frame[:] = background
+            frame[20:38, 24:42] = rgb
+            objects.append(frame)
+            mask = np.zeros((64, 64), bool)
+            mask[20:38, 24:42] = True
+            masks.append(mask)
+    solids = [np.full((64, 64, 3), rgb, np.uint8) for rgb in (*synthetic.COLOURS.values(), *synthetic.BACKGROUNDS.values())]
+    return np.stack(objects), np.stack(masks), np.stack(solids)
+
+
+@OLD_VAE_SHIFTS_COLOURS
+def test_shipped_vae_keeps_the_palette_colours():
+    vae = VideoAutoencoderKL(os.path.join(SHIPPED, "vae"))
+    objects, masks, solids = palette_frames()
+    decoded = round_trip(vae, objects)
+    object_errors = [np.linalg.norm(d[m].mean(0) - o[m].mean(0)) for d, m, o in zip(decoded, masks, objects)]
+    decoded = round_trip(vae, solids)
+    solid_errors = [np.linalg.norm(d.reshape(-1, 3).mean(0) - s[0, 0]) for d, s in zip(decoded, solids)]
+    assert max(object_errors) < 20 and max(solid_errors) < 10, (np.round(object_errors), np.round(solid_errors))
+
+
+@OLD_VAE_SHIFTS_COLOURS
+@pytest.mark.slow
+def test_default_prompt_draws_a_red_circle_moving_right(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "scripts/inference.py", "--prompt", "a red circle moving right on a dark background",
+         "--save-dir", str(tmp_path), "--quiet"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    with av.open(result.stdout.strip()) as container:
+        frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]).astype(int)
+    # Red: a strong red channel well above the other two (orange has green at about 60% of red).
+    red = (frames[..., 0] > 150) & (frames[..., 0] - frames[..., 1:].max(axis=-1) > 110)
+    shown = [t for t in range(len(frames)) if red[t].sum() >= 20]
+    assert len(shown) >= len(frames) // 2, f"a red object in only {len(shown)} frames"
+    xs = [np.nonzero(red[t])[1].mean() for t in shown]
+    ys = [np.nonzero(red[t])[0].mean() for t in shown]
+    dx, dy = xs[-1] - xs[0], ys[-1] - ys[0]
+    assert dx > 10 and abs(dy) < dx / 2, (dx, dy)
+
+
 def test_default_command_with_few_steps(tmp_path):
     result = subprocess.run(
         [sys.executable, "scripts/inference.py", "--prompt", "a blue square moving up on a gray background",
