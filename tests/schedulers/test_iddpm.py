@@ -115,3 +115,55 @@ def test_training_loss_is_finite_and_ignores_conditioning_frames():
     assert np.isfinite(clean["loss"].numpy()).all() and clean["loss"].shape == [2]
     np.testing.assert_allclose(clean["loss"].numpy(), poisoned["loss"].numpy(), rtol=1e-6)
     assert set(clean) == {"loss", "mse", "vb"}
+
+
+def posterior_variance_np(alphas_cumprod):
+    """beta_t (1 - abar_{t-1}) / (1 - abar_t) of the respaced process, from its cumulative alphas alone."""
+    previous = np.append(1.0, alphas_cumprod[:-1])
+    betas = 1 - alphas_cumprod / previous
+    return betas, betas * (1 - previous) / (1 - alphas_cumprod)
+
+
+@pytest.mark.parametrize("steps", [1000, 50])
+def test_posterior_log_variance_is_clipped_at_t0_to_the_t1_value(steps):
+    diffusion = IDDPM(num_sampling_steps=steps)
+    betas, variance = posterior_variance_np(np.cumprod(1 - linear_betas(1000))[diffusion.timestep_map])
+    assert variance[0] == 0  # why the clip exists: log(0) would be -inf
+    np.testing.assert_allclose(diffusion.posterior_log_variance_clipped[0], np.log(variance[1]), rtol=1e-12)
+    np.testing.assert_allclose(diffusion.posterior_log_variance_clipped[1:], np.log(variance[1:]), rtol=1e-12)
+    np.testing.assert_allclose(diffusion.log_betas_large, np.log(np.append(variance[1], betas[1:])), rtol=1e-12)
+    np.testing.assert_allclose(diffusion.log_betas, np.log(betas), rtol=1e-12)
+    # the learned range at t = 0 spans [log var_1, log beta_0]; out = -1 picks the clipped minimum
+    x = paddle.zeros([1, 2, 1, 1, 1])
+    out = paddle.concat([paddle.zeros_like(x), paddle.full_like(x, -1.0)], axis=1)
+    for t in (0, paddle.to_tensor([0])):
+        _, log_var, _ = diffusion.p_mean_variance(out, x, t)
+        np.testing.assert_allclose(log_var.numpy() if hasattr(log_var, "numpy") else log_var, np.log(variance[1]), rtol=1e-6)
+
+
+class ZeroModel(paddle.nn.Layer):
+    """eps = 0 and a variance fraction of 1/2: the sampler's arithmetic alone decides the output."""
+
+    def forward(self, x, timestep, y=None, mask=None, x_mask=None, **size_args):
+        return paddle.concat([paddle.zeros_like(x), paddle.zeros_like(x)], axis=1)
+
+
+def test_only_the_steps_before_t0_add_noise_of_the_interpolated_variance(text_encoder, size_args, monkeypatch):
+    """Two steps from z = 0 with eps = 0: the output is the t = 1 noise scaled by known factors, exactly."""
+    draws = []
+    randn = paddle.randn
+
+    def recording_randn(*args, **kwargs):
+        draws.append(randn(*args, **kwargs))
+        return draws[-1]
+
+    monkeypatch.setattr(paddle, "randn", recording_randn)
+    diffusion = IDDPM(num_sampling_steps=2, cfg_scale=1.0)
+    out = diffusion.sample(ZeroModel(), text_encoder, paddle.zeros([1, 4, 3, 4, 4]), ["a"], size_args(1), progress=False).numpy()
+    acp = np.cumprod(1 - linear_betas(1000))[diffusion.timestep_map]
+    betas, variance = posterior_variance_np(acp)
+    # t = 1: mean 0, std exp(log_var / 2), log_var halfway (fraction 1/2) between log posterior var and log beta
+    std_1 = np.exp(0.25 * (np.log(variance[1]) + np.log(betas[1])))
+    # t = 0: x0 = x / sqrt(abar_0), and with abar_prev = 1 the mean is x0; nothing random may be added
+    noise = [draw.numpy() for draw in draws if draw.shape == [1, 4, 3, 4, 4]]
+    np.testing.assert_allclose(out, noise[0] * std_1 / np.sqrt(acp[0]), rtol=1e-5, atol=1e-7)

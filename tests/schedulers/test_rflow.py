@@ -42,20 +42,67 @@ def test_euler_steps_and_timestep_grid(text_encoder, make_fake_model, size_args)
     assert [float(call["timestep"][0]) for call in model.calls] == [1000.0, 750.0, 500.0, 250.0]
 
 
-def test_masked_sampling_keeps_hard_conditions_and_is_deterministic(text_encoder, make_fake_model, size_args):
-    flow = RFLOW(num_sampling_steps=6, use_timestep_transform=True)
+class MaskReadingModel(paddle.nn.Layer):
+    """Velocity 0.5 x + caption offset on frames the model is told are generated, plus `poison` on frames it is
+    told are conditions: a frame the sampler moves while telling the model it is a condition goes astray."""
+
+    def __init__(self, poison=100.0):
+        super().__init__()
+        self.poison = poison
+        self.x_masks = []
+
+    def forward(self, x, timestep, y=None, mask=None, x_mask=None, **size_args):
+        self.x_masks.append(x_mask.numpy().copy())
+        offset = y.mean(axis=[1, 2, 3]).reshape([-1, 1, 1, 1, 1]) * 0.01
+        told_condition = (~x_mask).astype(x.dtype)[:, None, :, None, None]
+        return x * 0.5 + offset + self.poison * told_condition
+
+
+def test_masked_sampling_keeps_hard_conditions_and_is_deterministic(text_encoder, size_args):
+    flow = RFLOW(num_sampling_steps=6, use_timestep_transform=True, cfg_scale=4.0)
     mask = paddle.to_tensor([[0.0, 1.0, 0.5, 1.0]])
 
     def run():
         paddle.seed(3)
         z = paddle.randn([1, 4, 4, 2, 2])
-        return z, flow.sample(make_fake_model(out_factor=1), text_encoder, z.clone(), ["p"], size_args(1), mask=mask, progress=False)
+        return z, flow.sample(MaskReadingModel(), text_encoder, z.clone(), ["p"], size_args(1), mask=mask, progress=False)
 
     z, first = run()
     _, second = run()
     np.testing.assert_array_equal(first.numpy(), second.numpy())
     np.testing.assert_array_equal(first[:, :, 0].numpy(), z[:, :, 0].numpy())
-    assert not np.allclose(first[:, :, 2].numpy(), z[:, :, 2].numpy())
+    # Generated frames follow Euler steps on Open-Sora v1.2's shifted grid: ratio sqrt(64*64/512^2) * sqrt(4) = 0.25
+    s = np.array([1 - i / 6 for i in range(6)] + [0.0])
+    grid = 0.25 * s / (1 + (0.25 - 1) * s)
+    guided_offset = 4.0 * 0.01 * len("p")  # uncond + 4 (cond - uncond); the null caption's offset is 0
+    expected = z.numpy()[:, :, [1, 3]].astype("float64")
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        expected = expected + (0.5 * expected + guided_offset) * (t - t_next)
+    np.testing.assert_allclose(first.numpy()[:, :, [1, 3]], expected, rtol=1e-5, atol=1e-5)
+    # the edited frame was re-noised and generated, never moved as a condition
+    edited = first.numpy()[:, :, 2]
+    assert not np.allclose(edited, z.numpy()[:, :, 2]) and np.abs(edited).max() < 10
+
+
+def test_model_is_told_a_frame_is_generated_from_the_step_that_reaches_it():
+    """v1.2 rule inside the sampler: frame generated when m*T >= t, so the step that re-noises it is a generating one."""
+    flow = RFLOW(num_sampling_steps=4, cfg_scale=1.0)
+    model = MaskReadingModel(poison=1000.0)
+    z = paddle.zeros([1, 1, 4, 1, 1])
+
+    class NoText:
+        def encode(self, prompts):
+            return {"y": paddle.ones([1, 1, 1, 1]), "mask": paddle.ones([1, 1], dtype="int64")}
+
+        def null(self, n):
+            return paddle.zeros([n, 1, 1, 1])
+
+    out = flow.sample(model, NoText(), z, ["p"], {}, mask=paddle.to_tensor([[0.0, 1.0, 0.5, 0.25]]), progress=False)
+    # grid 1000, 750, 500, 250; thresholds m*T = 0, 1000, 500, 250 (frame 0 is a hard condition)
+    expected = [[False, True, False, False], [False, True, False, False], [False, True, True, False], [False, True, True, True]]
+    assert [x_mask[0].tolist() for x_mask in model.x_masks] == expected
+    assert all((x_mask[0] == x_mask[1]).all() for x_mask in model.x_masks)  # both halves of the CFG batch
+    assert np.abs(out.numpy()).max() < 10
 
 
 def test_training_loss_ignores_conditioning_frames_and_timestep_sampling():
