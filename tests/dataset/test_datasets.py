@@ -32,11 +32,34 @@ def test_frames_are_taken_every_interval_from_a_seeded_start(meta):
     assert sample["video"].shape == (3, 4, 16, 16) and np.all(steps == 3)
     assert dataset[0]["video"].tobytes() == sample["video"].tobytes()  # deterministic per seed/epoch/index
     assert sample["fps"] == 8.0 and sample["text"] == "first" and sample["num_skipped"] == 0
+
+
+def source_frames(sample):
+    return np.round((sample["video"].mean(axis=(0, 2, 3)) + 1) * 127.5 / 10).astype(int).tolist()
+
+
+def test_every_start_that_leaves_room_for_the_clip_occurs(meta):
+    # 4 frames every 3 span 10 source frames, so a 20-frame video has starts 0..10 and no other
+    dataset = VariableVideoTextDataset(str(meta), frame_interval=3, num_frames=4, image_size=(8, 8), seed=1)
     starts = set()
-    for epoch in range(8):
+    for epoch in range(150):
         dataset.set_epoch(epoch)
-        starts.add(int(round(((dataset[0]["video"].mean(axis=(0, 2, 3)) + 1) * 127.5 / 10)[0])))
-    assert len(starts) > 1 and starts <= set(range(0, 20 - 9))  # random starts that leave room for 4 frames
+        frames = source_frames(dataset[0])
+        assert frames == list(range(frames[0], frames[0] + 10, 3))
+        starts.add(frames[0])
+    assert starts == set(range(11))
+
+
+def test_a_clip_of_exactly_the_span_loads(tmp_path):
+    numbered_video(tmp_path / "exact.mp4", 10)
+    csv = tmp_path / "meta.csv"
+    csv.write_text("path,text,num_frames,height,width,fps\nexact.mp4,exact,10,32,48,8\n")
+    sample = VariableVideoTextDataset(str(csv), frame_interval=3, num_frames=4, image_size=(8, 8))[0]
+    assert sample["num_skipped"] == 0 and source_frames(sample) == [0, 3, 6, 9]
+    # one frame fewer is too short for this clip: it is skipped (and nothing else is readable)
+    csv.write_text("path,text,num_frames,height,width,fps\nexact.mp4,exact,9,32,48,8\n")
+    with pytest.raises(UserError, match="no readable clip"):
+        VariableVideoTextDataset(str(csv), frame_interval=3, num_frames=4, image_size=(8, 8))[0]
 
 
 def test_resize_crop_covers_the_target_and_keeps_the_range(meta):
