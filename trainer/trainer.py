@@ -92,6 +92,24 @@ class EMACallback(TrainerCallback):
         self.ema.update(unwrap_model(model))
 
 
+class RestoreRngStateCallback(TrainerCallback):
+    """Restore the checkpoint's random state when the first epoch of a resumed run begins.
+
+    paddlenlp 2.8.1 restores it only after skipping the already trained batches of a partly trained epoch, so a
+    run resumed from a checkpoint saved at the end of an epoch went on with a fresh random state (other noise,
+    timesteps and frame masks) and no longer matched the uninterrupted run.
+    """
+
+    def __init__(self, trainer, checkpoint):
+        self.trainer = trainer
+        self.checkpoint = checkpoint
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.checkpoint is not None:
+            self.trainer._load_rng_state(self.checkpoint)
+            self.checkpoint = None
+
+
 class OpenSoraTrainer(Trainer):
     def __init__(
         self,
@@ -121,6 +139,11 @@ class OpenSoraTrainer(Trainer):
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite_steps = 0
         self.skipped_videos = 0
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if isinstance(resume_from_checkpoint, str):
+            self.add_callback(RestoreRngStateCallback(self, resume_from_checkpoint))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     # ------------------------------------------------------------------ data
 
