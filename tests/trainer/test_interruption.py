@@ -1,7 +1,9 @@
 """kill -9 at any moment loses nothing: the run resumes from the newest complete checkpoint and ends with the
 same weights as an uninterrupted run; a torn checkpoint is reported and skipped. Divergence stops cleanly."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,11 +40,29 @@ def kill_when(process, condition, timeout=300):
     process.wait()
 
 
-@pytest.mark.parametrize("kill_point", ["while saving checkpoint-4", "while training after checkpoint-2"])
-def test_kill_then_resume_matches_uninterrupted(kill_point, tiny_models, clips, tmp_path):
-    straight = tmp_path / "straight"
-    subprocess.run(command(tiny_models, clips, straight), cwd=REPO, check=True, capture_output=True, timeout=600)
+@pytest.fixture(scope="module")
+def straight(tiny_models, clips, tmp_path_factory):
+    """Checkpoints of an uninterrupted run, the reference every interrupted run must end at."""
+    output_dir = tmp_path_factory.mktemp("straight")
+    subprocess.run(command(tiny_models, clips, output_dir), cwd=REPO, check=True, capture_output=True, timeout=600)
+    return output_dir
 
+
+def tag_complete_checkpoints(output_dir):
+    """Write each complete checkpoint's own name into its trainer state; the run that resumes carries the tag of
+    the state it loaded into its later checkpoints, which tells the checkpoints apart by content."""
+    tags = []
+    for checkpoint in sorted(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1])):
+        if (checkpoint / "checkpoint_complete").exists():
+            state = json.loads((checkpoint / "trainer_state.json").read_text())
+            state["log_history"][0]["test_tag"] = checkpoint.name
+            (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+            tags.append(checkpoint.name)
+    return tags
+
+
+@pytest.mark.parametrize("kill_point", ["while saving checkpoint-4", "while training after checkpoint-2", "while training after checkpoint-4"])
+def test_kill_then_resume_matches_uninterrupted(kill_point, tiny_models, clips, straight, tmp_path):
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen(command(tiny_models, clips, interrupted), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if kill_point == "while saving checkpoint-4":
@@ -53,16 +73,25 @@ def test_kill_then_resume_matches_uninterrupted(kill_point, tiny_models, clips, 
             for name in os.listdir(torn):
                 if name.endswith(".pdparams"):
                     (torn / name).write_bytes((torn / name).read_bytes()[:100])
-    else:
+    elif kill_point == "while training after checkpoint-2":
         kill_when(process, lambda: (interrupted / "checkpoint-2" / "checkpoint_complete").exists())
+    else:
+        kill_when(process, lambda: (interrupted / "checkpoint-4" / "checkpoint_complete").exists())
+        shutil.rmtree(interrupted / "checkpoint-6", ignore_errors=True)  # in case the run got that far before the kill
+        assert (interrupted / "checkpoint-4" / "checkpoint_complete").exists()
     assert (interrupted / "checkpoint-2" / "checkpoint_complete").exists()
+    tags = tag_complete_checkpoints(interrupted)
+    if kill_point == "while training after checkpoint-4":
+        assert tags == ["checkpoint-2", "checkpoint-4"]
 
     resumed = subprocess.run(command(tiny_models, clips, interrupted), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = resumed.stdout + resumed.stderr
-    assert "resuming from" in log and "checkpoint-2" in log
+    assert "resuming from" in log and tags[-1] in log
     if kill_point == "while saving checkpoint-4":
         assert "checkpoint-4 is incomplete" in log
+    final_state = json.loads((interrupted / "checkpoint-6" / "trainer_state.json").read_text())
+    assert final_state["global_step"] == 6 and final_state["log_history"][0].get("test_tag") == tags[-1]
     a = load_file(str(interrupted / "checkpoint-6" / "model.safetensors"))
     b = load_file(str(straight / "checkpoint-6" / "model.safetensors"))
     for name in b:
