@@ -78,15 +78,59 @@ def test_train_checkpoint_resume_in_new_process_matches_uninterrupted_run(tiny_m
 
 
 def test_held_out_loss_is_logged_at_fixed_timesteps(tiny_models, clips, tmp_path):
+    # Learning rate 0 keeps the weights, so both evaluations measure the same model: with fixed timesteps and
+    # fixed noise they must give the same number, although a training step drew random numbers in between.
     extra = ("--eval_data_path", clips, "--eval_max_samples", "2", "--evaluation_strategy", "steps", "--eval_steps", "1",
-             "--rflow_use_timestep_transform", "true", "--rflow_transform_scale", "6")
+             "--rflow_use_timestep_transform", "true", "--rflow_transform_scale", "6", "--learning_rate", "0")
     run([SCRIPT, *train_command(tiny_models, clips, tmp_path / "out", 2, extra)])
     state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
-    eval_losses = [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry]
-    assert len(eval_losses) == 2 and all(np.isfinite(eval_losses))
+    evaluations = [(entry["step"], entry["eval_loss"]) for entry in state["log_history"] if "eval_loss" in entry]
+    training_losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert [step for step, _ in evaluations] == [1, 2]
+    (_, first), (_, second) = evaluations
+    assert np.isfinite(first) and first > 0 and first == second
+    assert len(set(training_losses)) == 2  # training itself drew different timesteps and noise at each step
     # a model trained with the timestep shift is sampled with it
     defaults = json.loads((tmp_path / "out" / "checkpoint-2" / "inference.json").read_text())
     assert (defaults["sampler"], defaults["use_timestep_transform"], defaults["transform_scale"]) == ("rflow", True, 6.0)
+
+    # Which timesteps: a scheduler whose loss is t / T plus a little noise shows them, in process.
+    from paddlenlp.trainer import TrainingArguments
+
+    from trainer.trainer import OpenSoraTrainer
+
+    class RecordingScheduler:
+        num_timesteps = 1000
+        timesteps = []
+
+        def training_losses(self, model, latents, model_kwargs, t=None, **kwargs):
+            self.timesteps.append(t.numpy().tolist())
+            return {"loss": t.astype("float32") / 1000 + 1e-3 * paddle.randn([latents.shape[0]])}
+
+    class PosteriorOnlyVAE:
+        scaling_factor = 1.0
+
+    class ZeroText:
+        def encode(self, texts):
+            return {"y": paddle.zeros([len(texts), 1, 2, 4]), "mask": paddle.ones([len(texts), 2], dtype="int64")}
+
+    def collate(samples):
+        batch = {key: np.stack([sample[key] for sample in samples]) for key in ("latent_mean", "latent_std", "num_frames", "height", "width", "ar", "fps")}
+        return dict(batch, text=[sample["text"] for sample in samples])
+
+    held_out = [dict(latent_mean=np.zeros([4, 1, 2, 2], "float32"), latent_std=np.ones([4, 1, 2, 2], "float32"), text="a",
+                     num_frames=np.float32(1), height=np.float32(16), width=np.float32(16), ar=np.float32(1), fps=np.float32(8))] * 2
+    scheduler = RecordingScheduler()
+    trainer = OpenSoraTrainer(model=paddle.nn.Linear(2, 2), args=TrainingArguments(output_dir=str(tmp_path / "in_process"), seed=5, report_to=[]),
+                              vae=PosteriorOnlyVAE(), text_encoder=ZeroText(), scheduler=scheduler, eval_dataset=held_out, data_collator=collate)
+    paddle.seed(1)
+    untouched = paddle.rand([3]).numpy()
+    paddle.seed(1)
+    first = trainer.evaluate()["eval_loss"]
+    assert np.array_equal(paddle.rand([3]).numpy(), untouched)  # evaluation leaves the training random state alone
+    assert trainer.evaluate()["eval_loss"] == first
+    assert scheduler.timesteps == [[100], [300], [500], [700], [900]] * 4
+    assert abs(first - 0.5) < 0.01  # the mean of t / T over the five fixed timesteps
 
 
 def test_two_process_cpu_run_keeps_ranks_identical(tiny_models, clips, tmp_path):
