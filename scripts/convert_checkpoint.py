@@ -26,9 +26,15 @@ import numpy as np  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.io import atomic_path, write_text_atomic  # noqa: E402
 
-# Keys of a Hugging Face config.json that describe the file, not the model.
-HF_BOOKKEEPING = {"architectures", "model_type", "torch_dtype", "transformers_version", "_name_or_path", "auto_map",
-                  "_class_name", "_diffusers_version", "_commit_hash", "input_size"}
+# Keys that `transformers` (any version: "torch_dtype" became "dtype", attention settings were added) or
+# `diffusers` write into a config.json to describe the file or the runtime, not the STDiT2; plus the
+# original's `input_size`, which STDiT2 derives from the input instead.
+HF_BOOKKEEPING = {
+    "architectures", "model_type", "auto_map", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
+    "_commit_hash", "_attn_implementation", "_attn_implementation_autoset", "_attn_implementation_internal",
+    "use_cache", "return_dict", "output_attentions", "output_hidden_states", "torchscript", "use_bfloat16",
+    "_class_name", "_diffusers_version", "input_size",
+}
 NESTED_STATE_KEYS = ("model", "ema", "module", "state_dict")
 
 
@@ -127,7 +133,9 @@ def convert_stdit2(source, output, config_path=None, nested_key=None):
     else:
         raise UserError(f"{source}: a raw checkpoint has no config; pass --config configs/stdit2/xl2.json (or your model's)")
     values = {key: value for key, value in values.items() if key not in HF_BOOKKEEPING}
-    config = STDiT2Config.from_dict(values, source=config_path or source)
+    config = STDiT2Config.from_dict(
+        values, source=config_path or source, advice="these are not STDiT2 fields; is the source an Open-Sora v1.1 STDiT2?"
+    )
     with paddle.LazyGuard():  # names and shapes only: XL/2 is not allocated
         shapes, linear = layer_layout(STDiT2(config))
     weights = convert_state_dict(read_state_dict(source, nested_key), shapes, linear)

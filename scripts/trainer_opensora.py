@@ -23,68 +23,55 @@ def main(argv):
     os.environ.setdefault("KMP_BLOCKTIME", "0")
     import json
 
+    from utils.runtime import configure_cpu_runtime, quiet_library_logs
+
+    quiet_library_logs()  # paddlenlp's INFO lines about parsing and loading, unless --verbose
+
     from paddlenlp.trainer import PdArgumentParser, TrainingArguments, set_seed
     from paddlenlp.utils.log import logger
 
     from dataset.datasets import VariableVideoTextDataset, collate_batch
     from dataset.latents import LatentTextDataset, collate_latents
     from dataset.sampler import build_batch_sampler
-    from models.stdit.stdit2 import STDiT2, STDiT2Config
+    from models.stdit.stdit2 import STDiT2
     from models.text_encoder.t5 import T5Encoder
     from models.vae.vae import VideoAutoencoderKL
     from trainer.mask_generator import MaskGenerator
-    from trainer.setup import build_training_scheduler, check_compatible, check_replicas_agree, configure_precision
+    from trainer.setup import (
+        build_training_scheduler,
+        check_compatible,
+        check_replicas_agree,
+        configure_precision,
+        configure_reporting,
+        pretrained_model_path,
+        read_model_source,
+        resolve_diffusion_settings,
+    )
     from trainer.trainer import EMA_DIR_NAME, ExponentialMovingAverage, OpenSoraTrainer, latest_complete_checkpoint
-    from trainer.trainer_args import DEFAULT_MODEL_DIR, DataArguments, ModelArguments
+    from trainer.trainer_args import DataArguments, ModelArguments
     from utils.errors import UserError
     from utils.io import ensure_writable_dir
-    from utils.runtime import configure_cpu_runtime
 
     parser = PdArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    if model_args.model_config and model_args.pretrained_model_path:
-        raise UserError(
-            "--model_config starts a new, randomly initialised model and --pretrained_model_path fine-tunes an "
-            "existing one; pass only one of them"
-        )
-    if model_args.rflow_transform_scale != 1.0 and not (model_args.sampler == "rflow" and model_args.rflow_use_timestep_transform):
-        raise UserError(
-            f"--rflow_transform_scale {model_args.rflow_transform_scale} has no effect without --sampler rflow "
-            "--rflow_use_timestep_transform true; add them or drop it"
-        )
-    ensure_writable_dir(training_args.output_dir, "--output_dir")
-    configure_precision(training_args)
-    configure_cpu_runtime()
-    set_seed(training_args.seed)
 
-    # ---- frozen encoders and the STDiT2 to train
-    vae = VideoAutoencoderKL(model_args.vae_path, micro_batch_size=model_args.vae_micro_batch_size or None)
-    if model_args.model_config:
-        config = STDiT2Config.from_json_file(model_args.model_config)
-        config.gradient_checkpointing = model_args.gradient_checkpointing
-        config.freeze = model_args.freeze
-        model = STDiT2(config)
-    else:
-        model = STDiT2.from_pretrained(
-            model_args.pretrained_model_path or os.path.join(DEFAULT_MODEL_DIR, "stdit2"),
-            gradient_checkpointing=model_args.gradient_checkpointing,
-            freeze=model_args.freeze,
-        )
-    text_encoder = T5Encoder(
-        model_args.text_encoder_path, model_max_length=model_args.text_max_length or model.config.model_max_length
-    )
-    check_compatible(model.config, vae, text_encoder)
-    scheduler = build_training_scheduler(model_args, vae)
-
+    # ---- every check on the user's input, before any model is loaded
+    config, model_defaults = read_model_source(model_args)
+    settings = resolve_diffusion_settings(model_args, config, model_defaults)
+    check_compatible(config, model_args)
     mask_generator = None
     if model_args.mask_ratios != "none":
         try:
             ratios = json.loads(model_args.mask_ratios) if model_args.mask_ratios else None
+        except json.JSONDecodeError as error:
+            raise UserError(f"--mask_ratios: not valid JSON ({error})") from None
+        if ratios is not None and not isinstance(ratios, dict):
+            raise UserError('--mask_ratios must be a JSON object of probabilities, e.g. \'{"mask_no": 1.0}\'')
+        try:
             mask_generator = MaskGenerator(ratios)
-        except (json.JSONDecodeError, ValueError) as error:
+        except ValueError as error:
             raise UserError(f"--mask_ratios: {error}") from None
 
-    # ---- data
     def video_dataset(data_path, max_samples=None):
         return VariableVideoTextDataset(
             data_path,
@@ -115,6 +102,26 @@ def main(argv):
     eval_dataset = None
     if data_args.eval_data_path:
         eval_dataset = video_dataset(data_args.eval_data_path, max_samples=data_args.eval_max_samples)
+    configure_reporting(training_args)
+    ensure_writable_dir(training_args.output_dir, "--output_dir")
+    configure_precision(training_args)
+    configure_cpu_runtime()
+    set_seed(training_args.seed)
+
+    # ---- frozen encoders and the STDiT2 to train
+    vae = VideoAutoencoderKL(model_args.vae_path, micro_batch_size=model_args.vae_micro_batch_size or None)
+    if model_args.model_config:
+        config.gradient_checkpointing = model_args.gradient_checkpointing
+        config.freeze = model_args.freeze
+        model = STDiT2(config)
+    else:
+        model = STDiT2.from_pretrained(
+            pretrained_model_path(model_args),
+            gradient_checkpointing=model_args.gradient_checkpointing,
+            freeze=model_args.freeze,
+        )
+    text_encoder = T5Encoder(model_args.text_encoder_path, model_max_length=config.model_max_length)
+    scheduler = build_training_scheduler(settings, model_args.rflow_sample_method, vae)
 
     ema = ExponentialMovingAverage(model, model_args.ema_decay) if model_args.ema_decay > 0 else None
     first = train_dataset.rows[0]
@@ -123,12 +130,14 @@ def main(argv):
         image_size=[int(first["height"]), int(first["width"])] if data_args.latent_data_path else list(data_args.image_size),
         fps=int(round(float(first["fps"]))),
         frame_interval=data_args.frame_interval,
-        sampler=model_args.sampler,
-        num_sampling_steps=30 if model_args.sampler == "rflow" else 100,
-        cfg_scale=model_args.inference_cfg_scale,
+        sampler=settings.sampler,
+        num_sampling_steps=30 if settings.sampler == "rflow" else 100,
+        cfg_scale=settings.cfg_scale,
     )
-    if model_args.sampler == "rflow" and model_args.rflow_use_timestep_transform:
-        inference_defaults.update(use_timestep_transform=True, transform_scale=model_args.rflow_transform_scale)
+    if settings.use_timestep_transform:
+        inference_defaults.update(use_timestep_transform=True, transform_scale=settings.transform_scale)
+    # The training loop reports its progress and losses through paddlenlp's logger, at INFO.
+    logger.set_level("INFO")
     trainer = OpenSoraTrainer(
         model=model,
         args=training_args,

@@ -1,9 +1,89 @@
-"""Checks and choices made once before training starts."""
+"""Checks and choices made once before training starts, all of them before any model is loaded."""
+
+import dataclasses
+import os
 
 import paddle
 from paddlenlp.utils.log import logger
 
+from models.stdit.stdit2 import STDiT2Config
+from schedulers.rflow import SAMPLE_METHODS
+from utils.config_utils import DEFAULT_MODEL_DIR, MODEL_DEFAULTS_NAME
 from utils.errors import UserError
+from utils.io import read_json_object
+
+SAMPLERS = ("iddpm", "rflow")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionSettings:
+    """The training objective, and the sampling settings exported with the model in inference.json."""
+
+    sampler: str
+    use_timestep_transform: bool
+    transform_scale: float
+    cfg_scale: float
+
+
+def pretrained_model_path(model_args):
+    """The STDiT2 directory to fine-tune, or None for a new model from --model_config."""
+    if model_args.model_config and model_args.pretrained_model_path:
+        raise UserError(
+            "--model_config starts a new, randomly initialised model and --pretrained_model_path fine-tunes an "
+            "existing one; pass only one of them"
+        )
+    if model_args.model_config:
+        return None
+    return model_args.pretrained_model_path or os.path.join(DEFAULT_MODEL_DIR, "stdit2")
+
+
+def read_model_source(model_args):
+    """(STDiT2Config, the fine-tuned model's inference.json or {}), read without loading any weights."""
+    path = pretrained_model_path(model_args)
+    if path is None:
+        return STDiT2Config.from_json_file(model_args.model_config), {}
+    config = STDiT2Config.from_pretrained(path)
+    defaults_path = os.path.join(path, MODEL_DEFAULTS_NAME)
+    model_defaults = read_json_object(defaults_path, "model inference defaults") if os.path.isfile(defaults_path) else {}
+    return config, model_defaults
+
+
+def first_given(*values):
+    return next(value for value in values if value is not None)
+
+
+def resolve_diffusion_settings(model_args, config, model_defaults):
+    """Flags given on the command line win. A fine-tuned model's inference.json fills in the rest, so that
+    fine-tuning keeps the objective the model was trained with; a new model gets Open-Sora v1.1's IDDPM
+    when it predicts sigma and rectified flow when it does not. Combinations that cannot train are refused."""
+    sampler = first_given(model_args.sampler, model_defaults.get("sampler"), "iddpm" if config.pred_sigma else "rflow")
+    if sampler not in SAMPLERS:
+        raise UserError(f"--sampler {sampler!r} is not supported; choose 'iddpm' or 'rflow'")
+    if sampler == "rflow" and model_args.rflow_sample_method not in SAMPLE_METHODS:
+        raise UserError(f"--rflow_sample_method {model_args.rflow_sample_method!r} is not one of {list(SAMPLE_METHODS)}")
+    # The timestep shift belongs to the objective the model was trained with, not to another one.
+    inherited = model_defaults if model_defaults.get("sampler") == sampler else {}
+    settings = DiffusionSettings(
+        sampler=sampler,
+        use_timestep_transform=bool(
+            first_given(model_args.rflow_use_timestep_transform, inherited.get("use_timestep_transform"), False)
+        ),
+        transform_scale=float(first_given(model_args.rflow_transform_scale, inherited.get("transform_scale"), 1.0)),
+        cfg_scale=float(first_given(model_args.inference_cfg_scale, model_defaults.get("cfg_scale"), 7.0)),
+    )
+    if sampler == "iddpm" and not config.pred_sigma:
+        raise UserError(
+            "--sampler iddpm trains Open-Sora v1.1's learned variance, but this STDiT2 has pred_sigma false (it "
+            "predicts no sigma); use --sampler rflow, or a --model_config with \"pred_sigma\": true"
+        )
+    if settings.use_timestep_transform and sampler != "rflow":
+        raise UserError("--rflow_use_timestep_transform applies to --sampler rflow only; drop it or use rflow")
+    if settings.transform_scale != 1.0 and not settings.use_timestep_transform:
+        raise UserError(
+            f"--rflow_transform_scale {settings.transform_scale} has no effect without --sampler rflow "
+            "--rflow_use_timestep_transform true; add them or drop it"
+        )
+    return settings
 
 
 def configure_precision(training_args):
@@ -16,40 +96,57 @@ def configure_precision(training_args):
         training_args.fp16_full_eval = training_args.bf16_full_eval = False
 
 
-def check_compatible(config, vae, text_encoder):
-    """The STDiT2 must take the VAE's latents and the text encoder's features."""
-    if config.in_channels != vae.out_channels:
+def configure_reporting(training_args):
+    """Report to the --report_to integrations that are installed; skip the others with one warning each."""
+    from paddlenlp.trainer.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    unknown = [name for name in training_args.report_to if name not in INTEGRATION_TO_CALLBACK]
+    if unknown:
+        raise UserError(f"--report_to {', '.join(unknown)}: not one of {sorted(INTEGRATION_TO_CALLBACK)}, 'all' or 'none'")
+    available = get_available_reporting_integrations()
+    for name in training_args.report_to:
+        if name not in available:
+            logger.warning(f"--report_to {name}: {name} is not installed, so training does not report to it")
+    training_args.report_to = [name for name in training_args.report_to if name in available]
+
+
+def check_compatible(config, model_args):
+    """The STDiT2 must take the VAE's latents and the text encoder's features (read from their configs)."""
+    from models.text_encoder.t5 import T5Encoder
+    from models.vae.vae import VideoAutoencoderKL
+
+    latent_channels = VideoAutoencoderKL.read_config(model_args.vae_path)["latent_channels"]
+    caption_channels = T5Encoder.read_config(model_args.text_encoder_path)["d_model"]
+    if config.in_channels != latent_channels:
         raise UserError(
-            f"STDiT2 expects {config.in_channels} latent channels but the VAE gives {vae.out_channels}; "
+            f"STDiT2 expects {config.in_channels} latent channels but the VAE gives {latent_channels}; "
             "use a matching --vae_path or --model_config"
         )
-    if config.caption_channels != text_encoder.output_dim:
+    if config.caption_channels != caption_channels:
         raise UserError(
             f"STDiT2 expects caption features of width {config.caption_channels} but the text encoder gives "
-            f"{text_encoder.output_dim}; use a matching --text_encoder_path or --model_config"
+            f"{caption_channels}; use a matching --text_encoder_path or --model_config"
         )
-    if config.model_max_length != text_encoder.model_max_length:
+    if model_args.text_max_length not in (None, config.model_max_length):
         raise UserError(
             f"STDiT2 was built for {config.model_max_length} caption tokens but --text_max_length is "
-            f"{text_encoder.model_max_length}; leave --text_max_length unset"
+            f"{model_args.text_max_length}; leave --text_max_length unset"
         )
 
 
-def build_training_scheduler(model_args, vae):
-    if model_args.sampler == "iddpm":
+def build_training_scheduler(settings, sample_method, vae):
+    if settings.sampler == "iddpm":
         from schedulers.iddpm import IDDPM
 
         return IDDPM(timestep_respacing="")
-    if model_args.sampler == "rflow":
-        from schedulers.rflow import RFLOW
+    from schedulers.rflow import RFLOW
 
-        return RFLOW(
-            sample_method=model_args.rflow_sample_method,
-            use_timestep_transform=model_args.rflow_use_timestep_transform,
-            transform_scale=model_args.rflow_transform_scale,
-            temporal_compression=vae.temporal_compression,
-        )
-    raise UserError(f"--sampler {model_args.sampler!r} is not supported; choose 'iddpm' or 'rflow'")
+    return RFLOW(
+        sample_method=sample_method,
+        use_timestep_transform=settings.use_timestep_transform,
+        transform_scale=settings.transform_scale,
+        temporal_compression=vae.temporal_compression,
+    )
 
 
 def check_replicas_agree(model):

@@ -12,6 +12,7 @@ import shutil
 import numpy as np
 import paddle
 from paddlenlp.trainer import Trainer, TrainerCallback
+from paddlenlp.trainer.integrations import VisualDLCallback as PaddleNLPVisualDLCallback
 from paddlenlp.transformers.model_utils import unwrap_model
 from paddlenlp.utils.log import logger
 
@@ -110,6 +111,20 @@ class RestoreRngStateCallback(TrainerCallback):
             self.checkpoint = None
 
 
+class VisualDLCallback(PaddleNLPVisualDLCallback):
+    """paddlenlp's VisualDL reporting, with hyper-parameters that VisualDL can store: its HParam record takes
+    numbers and strings, and paddlenlp hands it booleans (do_train, fp16, ...), which failed the first step."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        if self.vdl_writer is None:
+            self._init_summary_writer(args)
+        self.vdl_writer.add_text("args", args.to_json_string())
+        hparams = {key: str(value) if isinstance(value, bool) else value for key, value in args.to_sanitized_dict().items()}
+        self.vdl_writer.add_hparams(hparams, metrics_list=[])
+
+
 class OpenSoraTrainer(Trainer):
     def __init__(
         self,
@@ -126,6 +141,8 @@ class OpenSoraTrainer(Trainer):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        if self.callback_handler.pop_callback(PaddleNLPVisualDLCallback) is not None:
+            self.add_callback(VisualDLCallback)
         self.inference_defaults = inference_defaults
         self.eval_data_collator = eval_data_collator or self.data_collator
         self.vae = vae

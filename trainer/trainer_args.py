@@ -31,22 +31,25 @@ class ModelArguments:
         default=os.path.join(DEFAULT_MODEL_DIR, "text_encoder"),
         metadata={"help": "paddlenlp T5 directory (e.g. converted t5-v1_1-xxl). Default: shipped text encoder."},
     )
-    sampler: str = field(
-        default="iddpm",
-        metadata={"help": "Diffusion objective: 'iddpm' (Open-Sora v1.1) or 'rflow' (rectified flow, v1.2)."},
+    sampler: Optional[str] = field(
+        default=None,
+        metadata={"help": "Diffusion objective: 'iddpm' (Open-Sora v1.1) or 'rflow' (rectified flow, v1.2). Default: "
+                  "the fine-tuned model's (its inference.json); for a new model, iddpm if it predicts sigma, else rflow."},
     )
     rflow_sample_method: str = field(
         default="logit-normal",
         metadata={"help": "rflow training timestep distribution: 'uniform' or 'logit-normal'."},
     )
-    rflow_use_timestep_transform: bool = field(
-        default=False,
-        metadata={"help": "rflow: shift training timesteps by resolution and length (Open-Sora v1.2)."},
+    rflow_use_timestep_transform: Optional[bool] = field(
+        default=None,
+        metadata={"help": "rflow: shift training timesteps by resolution and length (Open-Sora v1.2). Default: as "
+                  "the fine-tuned model was trained (its inference.json), else false."},
     )
-    rflow_transform_scale: float = field(
-        default=1.0,
+    rflow_transform_scale: Optional[float] = field(
+        default=None,
         metadata={"help": "rflow with --rflow_use_timestep_transform: multiplies the shift (v1.2 transform_scale); "
-                  "> 1 puts more training steps at high noise, where the layout and motion of a clip are decided."},
+                  "> 1 puts more training steps at high noise, where the layout and motion of a clip are decided. "
+                  "Default: the fine-tuned model's, else 1."},
     )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute STDiT2 blocks in the backward pass to save memory."}
@@ -71,8 +74,10 @@ class ModelArguments:
         metadata={"help": "JSON object of frame-mask probabilities (names of trainer/mask_generator.py), e.g. "
                   "'{\"mask_no\": 1.0}' to disable conditioning masks. Default: Open-Sora v1.1 ratios."},
     )
-    inference_cfg_scale: float = field(
-        default=7.0, metadata={"help": "Guidance scale recorded in the exported inference.json."}
+    inference_cfg_scale: Optional[float] = field(
+        default=None,
+        metadata={"help": "Guidance scale recorded in the exported inference.json. Default: the fine-tuned "
+                  "model's, else 7 (Open-Sora v1.1's)."},
     )
     max_nonfinite_steps: int = field(
         default=5, metadata={"help": "Stop after this many consecutive steps with a non-finite loss."}

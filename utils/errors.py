@@ -3,6 +3,7 @@
 A mistake of the user's (a bad flag, a missing file, a malformed prompt) raises `UserError`. Scripts run
 their `main` through `run_cli`, which prints `error: <message>` on stderr and exits with code 2, or for a
 bug of ours prints `internal error: ...` and exits with 1. The traceback is shown only with `--debug`.
+`--verbose` keeps the INFO logs of the libraries (paddlenlp, ppdiffusers) that scripts otherwise silence.
 """
 
 import os
@@ -24,13 +25,15 @@ IMPORT_NOISE = ("No ccache found", "Setuptools is replacing distutils")
 
 
 def run_cli(main, argv=None):
-    """Run `main(argv)` and map exceptions to exit codes. `--debug` (or OPENSORA_DEBUG=1) re-raises."""
+    """Run `main(argv)` and map exceptions to exit codes. `--debug` (or OPENSORA_DEBUG=1) re-raises;
+    `--verbose` sets OPENSORA_VERBOSE=1, which `utils.runtime.quiet_library_logs` reads."""
     for message in IMPORT_NOISE:
         warnings.filterwarnings("ignore", message=message)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("OPENSORA_DEBUG") == "1"
-    if "--debug" in argv:
-        argv.remove("--debug")
+    if "--verbose" in argv:
+        os.environ["OPENSORA_VERBOSE"] = "1"
+    argv = [arg for arg in argv if arg not in ("--debug", "--verbose")]
     try:
         main(argv)
     except UserError as error:

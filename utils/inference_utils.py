@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from dataset.datasets import is_image, resize_crop
 from utils.errors import UserError
+from utils.io import apply_default_permissions
 
 JSON_KEYS = ("reference_path", "mask_strategy")
 MASK_DEFAULTS = ("0", "0", "0", "0", "1", "0")
@@ -271,6 +272,7 @@ def save_sample(video, fps, save_path, overwrite=False):
             Image.fromarray(frames[0]).save(tmp, format="PNG")
         else:
             write_mp4(frames, fps, tmp)
+        apply_default_permissions(tmp)
         if overwrite:
             os.replace(tmp, save_path + extension)
             return save_path + extension

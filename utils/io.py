@@ -24,6 +24,7 @@ def atomic_path(path):
     os.remove(tmp_path)  # the caller creates a file or a directory here
     try:
         yield tmp_path
+        apply_default_permissions(tmp_path)
         if os.path.isdir(tmp_path) and os.path.isdir(path):
             # os.replace cannot swap onto a non-empty directory: move the old one aside first.
             old_path = tmp_path + ".old"
@@ -38,6 +39,31 @@ def atomic_path(path):
             shutil.rmtree(tmp_path, ignore_errors=True)
         elif os.path.exists(tmp_path):
             os.remove(tmp_path)
+
+
+def apply_default_permissions(path):
+    """Give `path` (and, for a directory, everything in it) the mode a plain `open()`/`mkdir()` would: the
+    umask applied to 0666 for files and 0777 for directories.
+
+    Temporary files are created private (0600, e.g. by `tempfile` and by safetensors), and a rename keeps
+    that mode, so without this a result would be unreadable to the other users of a shared machine.
+    """
+    umask = current_umask()
+    if not os.path.isdir(path):
+        if os.path.exists(path):
+            os.chmod(path, 0o666 & ~umask)
+        return
+    for root, _, files in os.walk(path):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
+def current_umask():
+    # os.umask can only be read by setting it; set it straight back.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def write_text_atomic(path, text):

@@ -14,6 +14,8 @@ M_MMAP_THRESHOLD = -3
 HEAP_RETAIN_BYTES = 1 << 30
 # MKL_DEBUG_CPU_TYPE value of MKL's AVX2 code path.
 MKL_AVX2 = "5"
+# MKL_CBWR value: the best code path for this CPU, with results that do not depend on the thread count.
+MKL_STRICT_REPRODUCIBLE = "AUTO,STRICT"
 
 
 def configure_cpu_runtime():
@@ -25,6 +27,7 @@ def configure_cpu_runtime():
     if paddle.device.is_compiled_with_cuda():
         return None
     select_mkl_kernels_for_amd()
+    make_mkl_reproducible()
     keep_freed_memory_in_process()
     copy_on_transpose()
     return configure_cpu_threads()
@@ -70,6 +73,19 @@ def select_mkl_kernels_for_amd(cpuinfo_path="/proc/cpuinfo"):
     return MKL_AVX2
 
 
+def make_mkl_reproducible():
+    """Make MKL's results independent of how many threads it runs on (its "strict CNR" mode).
+
+    By default MKL splits a matrix product's reductions by thread and may use fewer threads than asked
+    when the machine is busy, so the same command with the same seed gave frames that differed by 0.3-0.9
+    grey levels between a 1- and a 2-thread run (0.0 with this set). Strict mode keeps the split fixed;
+    on this project's 2-core AMD EPYC it cost nothing measurable (benchmarks/bench_determinism.py).
+    Like MKL_DEBUG_CPU_TYPE it is read at MKL's first call, and a value the user set is kept (e.g.
+    MKL_CBWR=AUTO for MKL's default, non-reproducible mode). Returns the value in effect.
+    """
+    return os.environ.setdefault("MKL_CBWR", MKL_STRICT_REPRODUCIBLE)
+
+
 def keep_freed_memory_in_process():
     """Stop glibc from returning every large freed tensor buffer to the kernel.
 
@@ -106,7 +122,10 @@ def configure_cpu_threads():
 
 
 def quiet_library_logs():
-    """paddlenlp and ppdiffusers log every file they load at INFO level; a CLI user needs only warnings."""
+    """paddlenlp and ppdiffusers log every file they load at INFO level; a CLI user needs only warnings,
+    unless they ask for everything with --verbose (which `run_cli` turns into OPENSORA_VERBOSE=1)."""
+    if os.environ.get("OPENSORA_VERBOSE") == "1":
+        return
     from paddlenlp.utils.log import logger as paddlenlp_logger
     from ppdiffusers.utils import logging as ppdiffusers_logging
 

@@ -57,7 +57,15 @@ class CaptionContext:
 
 @dataclasses.dataclass
 class STDiT2Config:
-    """Constructor arguments of `STDiT2`, saved as `config.json` next to the weights."""
+    """Constructor arguments of `STDiT2`, saved as `config.json` next to the weights.
+
+    Three fields exist so that the original's configs load and round-trip, and change nothing here:
+    `enable_flash_attn` (attention picks its kernel from device and dtype: FlashAttention through
+    `scaled_dot_product_attention` for fp16/bf16 on GPUs, matmul-softmax on CPUs), `enable_layernorm_kernel`
+    (the original's switch to apex's fused LayerNorm; Paddle's LayerNorm is already one kernel, with the same
+    numerics) and `no_temporal_pos_emb` (the original STDiT2 stores it but never reads it: its temporal
+    positions are rotary).
+    """
 
     input_sq_size: int = 32
     in_channels: int = 4
@@ -91,19 +99,37 @@ class STDiT2Config:
             raise UserError(f"STDiT2 config: freeze {self.freeze!r} is not one of {list(FREEZE_OPTIONS)}")
 
     @classmethod
-    def from_dict(cls, values, source="config"):
+    def from_dict(cls, values, source="config", advice=None):
+        """`advice` ends the unknown-keys error; by default it points at the converter."""
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise UserError(
-                f"{source}: unknown STDiT2 config keys {unknown[:5]}; is this an STDiT2 config? Official "
-                "Open-Sora checkpoints must be converted first with scripts/convert_checkpoint.py stdit2"
+            advice = advice or (
+                "is this an STDiT2 config? Official Open-Sora checkpoints must be converted first with "
+                "scripts/convert_checkpoint.py stdit2"
             )
+            raise UserError(f"{source}: unknown STDiT2 config keys {unknown[:5]}; {advice}")
         return cls(**values)
 
     @classmethod
     def from_json_file(cls, path):
         return cls.from_dict(read_json_object(path, "STDiT2 config (e.g. configs/stdit2/tiny.json)"), source=path)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_path):
+        """The config of an STDiT2 directory (save_pretrained / convert_checkpoint.py output), without its weights."""
+        if not os.path.isdir(pretrained_path):
+            raise UserError(
+                f"{pretrained_path}: STDiT2 model directory not found; give a directory written by "
+                "save_pretrained or by scripts/convert_checkpoint.py stdit2"
+            )
+        config_path = os.path.join(pretrained_path, CONFIG_NAME)
+        if not os.path.isfile(config_path) or not os.path.isfile(os.path.join(pretrained_path, WEIGHTS_NAME)):
+            raise UserError(
+                f"{pretrained_path}: not an STDiT2 directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}); convert "
+                "official checkpoints with scripts/convert_checkpoint.py stdit2"
+            )
+        return cls.from_json_file(config_path)
 
     def to_dict(self):
         values = dataclasses.asdict(self)
@@ -402,25 +428,12 @@ class STDiT2(nn.Layer):
     def from_pretrained(cls, pretrained_path, dtype=None, **config_overrides):
         """Build the model from `config.json` in `pretrained_path` and load `model.safetensors`.
 
-        `config_overrides` replace config fields that do not change the weights (e.g. gradient_checkpointing,
-        freeze, enable_flash_attn).
+        `config_overrides` replace config fields that do not change the weights (gradient_checkpointing,
+        freeze).
         """
-        config_path = os.path.join(pretrained_path, CONFIG_NAME)
-        weights_path = os.path.join(pretrained_path, WEIGHTS_NAME)
-        if not os.path.isdir(pretrained_path):
-            raise UserError(
-                f"{pretrained_path}: STDiT2 model directory not found; give a directory written by "
-                "save_pretrained or by scripts/convert_checkpoint.py stdit2"
-            )
-        if not os.path.isfile(config_path) or not os.path.isfile(weights_path):
-            raise UserError(
-                f"{pretrained_path}: not an STDiT2 directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}); convert "
-                "official checkpoints with scripts/convert_checkpoint.py stdit2"
-            )
-        config = STDiT2Config.from_json_file(config_path)
-        config = dataclasses.replace(config, **config_overrides)
+        config = dataclasses.replace(STDiT2Config.from_pretrained(pretrained_path), **config_overrides)
         model = cls(config)
-        model.load_weights(weights_path)
+        model.load_weights(os.path.join(pretrained_path, WEIGHTS_NAME))
         if dtype is not None:
             model.to(dtype=dtype)
         return model

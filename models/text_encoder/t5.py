@@ -21,7 +21,7 @@ class T5Encoder:
     def __init__(self, from_pretrained, model_max_length=200, dtype="float32"):
         from paddlenlp.transformers import T5EncoderModel, T5Tokenizer
 
-        check_model_dir(from_pretrained, "T5 text encoder", "d_model", "scripts/convert_checkpoint.py t5 SRC DST")
+        self.read_config(from_pretrained)
         self.tokenizer = T5Tokenizer.from_pretrained(from_pretrained)
         self.model = T5EncoderModel.from_pretrained(from_pretrained, dtype=dtype)
         self.model.eval()
@@ -30,6 +30,11 @@ class T5Encoder:
         self.model_max_length = model_max_length
         self.output_dim = self.model.config.d_model
         self.y_embedder = None
+
+    @staticmethod
+    def read_config(path):
+        """The T5 config.json of `path` (e.g. its feature width `d_model`), checked without loading weights."""
+        return check_model_dir(path, "T5 text encoder", "d_model", "scripts/convert_checkpoint.py t5 SRC DST")
 
     @paddle.no_grad()
     def encode(self, texts):

@@ -24,7 +24,7 @@ def resolve_dtype(dtype):
 
 
 def check_model_dir(path, what, config_key, convert_hint):
-    """A local directory holding a config of the expected kind, or a clear error."""
+    """The config.json of a local directory holding a model of the expected kind, or a clear error."""
     if not os.path.isdir(path):
         if "/" in path and not path.startswith((".", "/")) and not os.path.exists(path):
             raise UserError(
@@ -41,6 +41,7 @@ def check_model_dir(path, what, config_key, convert_hint):
         config = json.load(f)
     if config_key not in config:
         raise UserError(f"{path}: config.json is not a {what} config (no {config_key!r}); pass a {what} directory")
+    return config
 
 
 class VideoAutoencoderKL(paddle.nn.Layer):
@@ -48,7 +49,7 @@ class VideoAutoencoderKL(paddle.nn.Layer):
         super().__init__()
         from ppdiffusers import AutoencoderKL
 
-        check_model_dir(from_pretrained, "VAE (AutoencoderKL)", "latent_channels", "scripts/convert_checkpoint.py vae SRC DST")
+        self.read_config(from_pretrained)
         self.module = AutoencoderKL.from_pretrained(from_pretrained, paddle_dtype=resolve_dtype(dtype))
         self.module.eval()
         for param in self.module.parameters():
@@ -60,6 +61,11 @@ class VideoAutoencoderKL(paddle.nn.Layer):
         self.patch_size = (1, factor, factor)
         self.temporal_compression = 1
         self.micro_batch_size = micro_batch_size
+
+    @staticmethod
+    def read_config(path):
+        """The AutoencoderKL config.json of `path` (e.g. its `latent_channels`), checked without loading weights."""
+        return check_model_dir(path, "VAE (AutoencoderKL)", "latent_channels", "scripts/convert_checkpoint.py vae SRC DST")
 
     @property
     def dtype(self):

@@ -113,14 +113,22 @@ def test_training_bad_csv_is_one_line(tmp_path, tiny_models):
 
 @pytest.mark.parametrize("flags, message", [
     (["--model_config", "configs/stdit2/demo.json", "--pretrained_model_path", "{stdit2}"], "pass only one of them"),
-    (["--sampler", "rflow", "--rflow_transform_scale", "6"], "has no effect without --sampler rflow --rflow_use_timestep_transform true"),
+    (["--rflow_use_timestep_transform", "false", "--rflow_transform_scale", "6"], "has no effect without --sampler rflow --rflow_use_timestep_transform true"),
+    (["--sampler", "iddpm"], "has pred_sigma false"),
+    (["--sampler", "rflow", "--rflow_sample_method", "gaussian"], "--rflow_sample_method 'gaussian' is not one of"),
+    (["--report_to", "tensorbored"], "--report_to tensorbored: not one of"),
+    (["--data_path", "/nonexistent/meta.csv"], "/nonexistent/meta.csv: meta CSV not found"),
+    (["--bucket_config", "/nonexistent/buckets.json"], "/nonexistent/buckets.json"),
+    (["--mask_ratios", "[0.5]"], "--mask_ratios"),
 ])
 def test_training_refuses_contradictory_flags(tmp_path, tiny_models, flags, message):
-    flags = [flag.format(stdit2=tiny_models["stdit2"]) for flag in flags]
+    flags = [flag.replace("{stdit2}", tiny_models["stdit2"]) for flag in flags]
     result = subprocess.run(
         [sys.executable, "scripts/trainer_opensora.py", "--do_train", "--output_dir", str(tmp_path / "out"), *flags],
         cwd=REPO, capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert message in result.stderr.strip().splitlines()[-1]
-    assert not os.path.exists(tmp_path / "out")  # refused before anything is created
+    # One line and nothing else: refused before any model was loaded (loading would log) or anything created.
+    assert result.stdout == "" and result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert message in result.stderr
+    assert not os.path.exists(tmp_path / "out")
