@@ -119,7 +119,7 @@ def main():
     result["end_to_end_estimate"] = script_import + sum(result[k] for k in ("model_loading", "text_encoding", "reference_encoding", "sampling", "vae_decode", "video_writing"))
     machine = dict(platform=platform.platform(), cpus=len(os.sched_getaffinity(0)), threads=threads, paddle=paddle.__version__)
     settings = dict(num_frames=gen_args.num_frames, image_size=gen_args.image_size, sampler=gen_args.sampler,
-                    steps=gen_args.num_sampling_steps, model=gen_args.model_path, reference=args.with_reference)
+                    steps=gen_args.num_sampling_steps, model=os.path.relpath(gen_args.model_path, REPO), reference=args.with_reference)
     for key, value in result.items():
         unit = "" if key.endswith("share") else " s"
         print(f"{key:<28}{value:>10.3f}{unit}")

@@ -64,7 +64,7 @@ def main():
             rows.append(result)
             print(f"{str(result['micro_batch_size']):>12}{frames:>8}{result['output_mb']:>11.1f}{result['peak_growth_mb']:>16.1f}", flush=True)
     machine = dict(platform=platform.platform(), cpus=len(os.sched_getaffinity(0)))
-    write_text_atomic(args.output, json.dumps(dict(machine=machine, size=args.size, vae=args.vae_path, results=rows), indent=2) + "\n")
+    write_text_atomic(args.output, json.dumps(dict(machine=machine, size=args.size, vae=os.path.relpath(args.vae_path, REPO), results=rows), indent=2) + "\n")
     print(f"wrote {args.output}")
 
 

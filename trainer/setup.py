@@ -8,9 +8,8 @@ from paddlenlp.utils.log import logger
 
 from models.stdit.stdit2 import STDiT2Config
 from schedulers.rflow import SAMPLE_METHODS
-from utils.config_utils import DEFAULT_MODEL_DIR, MODEL_DEFAULTS_NAME
+from utils.config_utils import DEFAULT_MODEL_DIR, read_model_defaults
 from utils.errors import UserError
-from utils.io import read_json_object
 
 SAMPLERS = ("iddpm", "rflow")
 
@@ -42,10 +41,7 @@ def read_model_source(model_args):
     path = pretrained_model_path(model_args)
     if path is None:
         return STDiT2Config.from_json_file(model_args.model_config), {}
-    config = STDiT2Config.from_pretrained(path)
-    defaults_path = os.path.join(path, MODEL_DEFAULTS_NAME)
-    model_defaults = read_json_object(defaults_path, "model inference defaults") if os.path.isfile(defaults_path) else {}
-    return config, model_defaults
+    return STDiT2Config.from_pretrained(path), read_model_defaults(path)
 
 
 def first_given(*values):
@@ -63,12 +59,14 @@ def resolve_diffusion_settings(model_args, config, model_defaults):
         raise UserError(f"--rflow_sample_method {model_args.rflow_sample_method!r} is not one of {list(SAMPLE_METHODS)}")
     # The timestep shift belongs to the objective the model was trained with, not to another one.
     inherited = model_defaults if model_defaults.get("sampler") == sampler else {}
+    use_timestep_transform = bool(
+        first_given(model_args.rflow_use_timestep_transform, inherited.get("use_timestep_transform"), False)
+    )
+    inherited_scale = inherited.get("transform_scale") if use_timestep_transform else None
     settings = DiffusionSettings(
         sampler=sampler,
-        use_timestep_transform=bool(
-            first_given(model_args.rflow_use_timestep_transform, inherited.get("use_timestep_transform"), False)
-        ),
-        transform_scale=float(first_given(model_args.rflow_transform_scale, inherited.get("transform_scale"), 1.0)),
+        use_timestep_transform=use_timestep_transform,
+        transform_scale=float(first_given(model_args.rflow_transform_scale, inherited_scale, 1.0)),
         cfg_scale=float(first_given(model_args.inference_cfg_scale, model_defaults.get("cfg_scale"), 7.0)),
     )
     if sampler == "iddpm" and not config.pred_sigma:

@@ -88,13 +88,15 @@ def build_parser(description):
     return parser
 
 
+def read_model_defaults(model_path):
+    """The settings a model was trained for (its inference.json), or {} for a model without one."""
+    defaults_path = os.path.join(model_path, MODEL_DEFAULTS_NAME)
+    return read_json_object(defaults_path, "model inference defaults") if os.path.isfile(defaults_path) else {}
+
+
 def sampling_defaults(model_path):
     """The Open-Sora v1.1 sample defaults overridden by the model's own inference.json, when it has one."""
-    defaults = dict(OPEN_SORA_DEFAULTS)
-    defaults_path = os.path.join(model_path, MODEL_DEFAULTS_NAME)
-    if os.path.isfile(defaults_path):
-        defaults.update(read_json_object(defaults_path, "model inference defaults"))
-    return defaults
+    return {**OPEN_SORA_DEFAULTS, **read_model_defaults(model_path)}
 
 
 def parse_args(argv, description):
@@ -111,7 +113,8 @@ def parse_args(argv, description):
 
     default_model = not any(key in cli or key in file_values for key in ("model_path", "vae_path", "text_encoder_path"))
     model_path = cli.get("model_path", file_values.get("model_path", os.path.join(DEFAULT_MODEL_DIR, "stdit2")))
-    model_defaults = sampling_defaults(model_path)
+    trained_for = read_model_defaults(model_path)
+    model_defaults = {**OPEN_SORA_DEFAULTS, **trained_for}
     if default_model:
         model_defaults.update(
             vae_path=os.path.join(DEFAULT_MODEL_DIR, "vae"),
@@ -120,6 +123,7 @@ def parse_args(argv, description):
 
     args = argparse.Namespace(**{**GENERIC_DEFAULTS, **model_defaults, **file_values, **cli})
     args.model_path = model_path
+    args.trained_size = (trained_for["num_frames"], list(trained_for["image_size"])) if "image_size" in trained_for else None
     for required in ("vae_path", "text_encoder_path"):
         if not getattr(args, required, None):
             raise UserError(f"--{required.replace('_', '-')} is required with --model-path {model_path}")

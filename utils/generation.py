@@ -72,13 +72,18 @@ def plan_jobs(args):
 
 
 def load_pipeline(args):
-    from models.stdit.stdit2 import STDiT2
+    from models.stdit.stdit2 import STDiT2, STDiT2Config
     from models.text_encoder.t5 import T5Encoder
     from models.vae.vae import VideoAutoencoderKL
 
     dtype = DTYPES[args.dtype]
     if dtype != "float32" and not paddle.device.is_compiled_with_cuda():
         raise UserError(f"--dtype {args.dtype} needs a GPU; this Paddle build is CPU-only, use --dtype fp32")
+    if args.sampler == "iddpm" and not STDiT2Config.from_pretrained(args.model_path).pred_sigma:
+        raise UserError(
+            f"{args.model_path}: --sampler iddpm needs a model that predicts sigma (Open-Sora v1.1's learned "
+            "variance) and this one has pred_sigma false; use --sampler rflow"
+        )
     vae = VideoAutoencoderKL(args.vae_path, micro_batch_size=args.micro_batch_size, dtype=dtype)
     model = STDiT2.from_pretrained(args.model_path, dtype=dtype)
     model.eval()
@@ -184,6 +189,7 @@ def run_inference(argv, description):
     ensure_writable_dir(args.save_dir, "--save-dir")
     pipeline = load_pipeline(args)
     fit_image_size(args, pipeline.vae)
+    warn_outside_training(args)
     for job, sample_k, video in generate_videos(args, jobs, pipeline):
         path = save_sample(video, fps=args.fps // args.frame_interval, save_path=output_path(args, job, sample_k), overwrite=args.overwrite)
         print(path, flush=True)
@@ -201,6 +207,21 @@ def fit_image_size(args, vae):
             file=sys.stderr,
         )
     args.image_size = fitted
+
+
+def warn_outside_training(args):
+    """A model trained at one size makes noise at others; say so once instead of leaving the user to guess."""
+    if args.trained_size is None:
+        return
+    num_frames, image_size = args.trained_size
+    if (args.num_frames, list(args.image_size)) == (num_frames, image_size):
+        return
+    print(
+        f"warning: {args.model_path} was trained on {num_frames} frames of {image_size[0]}x{image_size[1]} only; at "
+        f"{args.num_frames} frames of {args.image_size[0]}x{args.image_size[1]} expect noise. For other sizes, convert "
+        "official weights (README: Converting official weights) and pass --model-path",
+        file=sys.stderr,
+    )
 
 
 def output_path(args, job, sample_k):

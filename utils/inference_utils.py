@@ -18,6 +18,7 @@ import paddle
 from PIL import Image, UnidentifiedImageError
 
 from dataset.datasets import is_image, resize_crop
+from models.text_encoder.t5 import text_preprocessing
 from utils.errors import UserError
 from utils.io import apply_default_permissions
 
@@ -58,11 +59,11 @@ def extract_json_from_prompts(prompts):
 
 def process_prompts(texts, num_loop):
     """Per-loop prompts: `|0|a dog|2|a cat` gives "a dog" to loops 0-1 and "a cat" from loop 2 on; plain
-    prompts are used for every loop."""
+    prompts are used for every loop. Each text is cleaned as the original cleans captions before T5."""
     prompts_per_loop = []
     for text in texts:
         if not text.startswith("|"):
-            prompts_per_loop.append([text] * num_loop)
+            prompts_per_loop.append([clean_prompt(text)] * num_loop)
             continue
         parts = text.split("|")[1:]
         if len(parts) % 2:
@@ -75,8 +76,16 @@ def process_prompts(texts, num_loop):
         if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= num_loop:
             raise UserError(f"prompt {short(text)!r}: loop ids {starts} must start at 0, increase, and stay below --loop {num_loop}")
         ends = starts[1:] + [num_loop]
-        prompts_per_loop.append([segment for segment, a, b in zip(segments, starts, ends) for _ in range(b - a)])
+        prompts_per_loop.append([clean_prompt(segment) for segment, a, b in zip(segments, starts, ends) for _ in range(b - a)])
     return prompts_per_loop
+
+
+def clean_prompt(text):
+    cleaned = text_preprocessing(text)
+    if not cleaned:
+        raise UserError(f"prompt {short(text)!r}: nothing is left after caption cleaning (it removes URLs, markup and "
+                        "symbols); describe the video in words")
+    return cleaned
 
 
 # ---------------------------------------------------------------------------------------- mask strategies
