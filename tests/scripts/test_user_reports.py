@@ -164,14 +164,14 @@ def frames_of(path):
 
 def test_the_same_command_gives_identical_frames_whatever_the_thread_count(tmp_path):
     # MKL splits its reductions by thread; with its default mode a 1- and a 2-thread run of this command
-    # differed by up to 0.9 grey levels per frame. The thread count is what a busy machine changes.
-    prompts = ["A beautiful sunset over the city", "a red circle moving right", "a white triangle heading left on a navy background"]
+    # differed by up to 13 grey levels in a pixel. The thread count is what a busy machine changes.
+    prompts = ["A beautiful sunset over the city", "a white triangle heading left on a navy background"]
     outputs = []
     for threads in ("1", "2"):
         save_dir = tmp_path / threads
         result = subprocess.run(
-            [sys.executable, "scripts/inference.py", "--prompt", *prompts, "--image-size", "128", "128",
-             "--num-sampling-steps", "10", "--save-dir", str(save_dir), "--quiet"],
+            [sys.executable, "scripts/inference.py", "--prompt", *prompts, "--image-size", "96", "96",
+             "--num-sampling-steps", "4", "--save-dir", str(save_dir), "--quiet"],
             cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ, OPENSORA_NUM_THREADS=threads),
         )
         assert result.returncode == 0, result.stderr[-2000:]
