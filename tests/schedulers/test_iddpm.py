@@ -167,3 +167,115 @@ def test_only_the_steps_before_t0_add_noise_of_the_interpolated_variance(text_en
     # t = 0: x0 = x / sqrt(abar_0), and with abar_prev = 1 the mean is x0; nothing random may be added
     noise = [draw.numpy() for draw in draws if draw.shape == [1, 4, 3, 4, 4]]
     np.testing.assert_allclose(out, noise[0] * std_1 / np.sqrt(acp[0]), rtol=1e-5, atol=1e-7)
+
+
+def np_cdf(x):
+    """The tanh approximation of the standard normal CDF used by improved DDPM, in numpy."""
+    return 0.5 * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def np_log(p):
+    return np.log(np.maximum(p, 1e-12))  # improved DDPM floors bin probabilities at 1e-12
+
+
+def test_kl_cdf_and_discretized_likelihood_match_their_formulas():
+    from math import erf
+
+    from schedulers.iddpm.gaussian_diffusion import approx_standard_normal_cdf, discretized_gaussian_log_likelihood, normal_kl
+
+    rng = np.random.default_rng(1)
+    m1, m2, lv1, lv2 = (rng.uniform(-1.5, 1.5, 50) for _ in range(4))
+    kl = normal_kl(*(paddle.to_tensor(v) for v in (m1, lv1, m2, lv2))).numpy()
+    v1, v2 = np.exp(lv1), np.exp(lv2)
+    np.testing.assert_allclose(kl, 0.5 * np.log(v2 / v1) + (v1 + (m1 - m2) ** 2) / (2 * v2) - 0.5, rtol=1e-6, atol=1e-9)
+
+    x = np.linspace(-4, 4, 81)
+    exact = np.array([0.5 * (1 + erf(v / np.sqrt(2))) for v in x])
+    np.testing.assert_allclose(approx_standard_normal_cdf(paddle.to_tensor(x)).numpy(), exact, atol=3e-4)
+
+    # data on the 256-level grid, including both edge bins, which take the whole tail
+    data = np.array([-1.0, -1.0, 1.0, 1.0, 0.0, 2 / 255 * 10 - 1, 0.5])
+    means, log_scales = rng.uniform(-1, 1, 7), np.log(rng.uniform(0.02, 0.5, 7))
+    ours = discretized_gaussian_log_likelihood(*(paddle.to_tensor(v) for v in (data, means, log_scales))).numpy()
+    upper = np_cdf((data - means + 1 / 255) / np.exp(log_scales))
+    lower = np_cdf((data - means - 1 / 255) / np.exp(log_scales))
+    expected = np.where(data < -0.999, np_log(upper), np.where(data > 0.999, np_log(1 - lower), np_log(upper - lower)))
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+class AffineModel(paddle.nn.Layer):
+    """eps = 0.3 x_t and a variance fraction from tanh(x_t), so every term of the loss is exercised."""
+
+    def forward(self, x, timestep, x_mask=None, **kwargs):
+        self.timestep = timestep.numpy().copy()
+        return paddle.concat([x * 0.3, paddle.tanh(x)], axis=1)
+
+
+def test_training_loss_and_variational_bound_match_numpy():
+    diffusion = IDDPM()
+    rng = np.random.default_rng(2)
+    x0 = rng.uniform(-1, 1, [2, 2, 2, 2, 2]).round(2)
+    noise = rng.standard_normal(x0.shape)
+    t = np.array([0, 400])
+    model = AffineModel()
+    terms = diffusion.training_losses(model, paddle.to_tensor(x0, dtype="float32"), {}, t=paddle.to_tensor(t),
+                                      noise=paddle.to_tensor(noise, dtype="float32"))
+    np.testing.assert_array_equal(model.timestep, t)
+    betas = linear_betas(1000)
+    acp = np.cumprod(1 - betas)
+    acp_prev = np.append(1.0, acp[:-1])
+    shape = [-1, 1, 1, 1, 1]
+    a, a_prev, beta = acp[t].reshape(shape), acp_prev[t].reshape(shape), betas[t].reshape(shape)
+    x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
+    eps = 0.3 * x_t
+    np.testing.assert_allclose(terms["mse"].numpy(), ((noise - eps) ** 2).reshape(2, -1).mean(1), rtol=1e-5)
+
+    post_var = beta * (1 - a_prev) / (1 - a)
+    post_log_var = np.log(np.where(t.reshape(shape) == 0, betas[1] * (1 - acp[0]) / (1 - acp[1]), post_var))
+    coef1, coef2 = beta * np.sqrt(a_prev) / (1 - a), (1 - a_prev) * np.sqrt(1 - beta) / (1 - a)
+    frac = (np.tanh(x_t) + 1) / 2
+    log_var = frac * np.log(beta) + (1 - frac) * post_log_var
+    pred_x0 = (x_t - np.sqrt(1 - a) * eps) / np.sqrt(a)
+    mean = coef1 * pred_x0 + coef2 * x_t
+    true_mean = coef1 * x0 + coef2 * x_t
+    kl = 0.5 * (-1 + log_var - post_log_var + np.exp(post_log_var - log_var) + (true_mean - mean) ** 2 * np.exp(-log_var))
+    scale = np.exp(0.5 * log_var)
+    upper, lower = np_cdf((x0 - mean + 1 / 255) / scale), np_cdf((x0 - mean - 1 / 255) / scale)
+    nll = -np.where(x0 < -0.999, np_log(upper), np.where(x0 > 0.999, np_log(1 - lower), np_log(upper - lower)))
+    expected_vb = [nll[0].mean() / np.log(2), kl[1].mean() / np.log(2)]  # decoder NLL at t = 0, KL after
+    np.testing.assert_allclose(terms["vb"].numpy(), expected_vb, rtol=1e-4)
+    np.testing.assert_allclose(terms["loss"].numpy(), terms["mse"].numpy() + terms["vb"].numpy(), rtol=1e-6)
+
+    weights = np.linspace(1.0, 3.0, 1000)
+    weighted = diffusion.training_losses(AffineModel(), paddle.to_tensor(x0, dtype="float32"), {}, t=paddle.to_tensor(t),
+                                         noise=paddle.to_tensor(noise, dtype="float32"), weights=weights)
+    np.testing.assert_allclose(weighted["mse"].numpy(), terms["mse"].numpy() * weights[t], rtol=1e-5)
+
+
+def test_training_draws_timesteps_over_the_whole_process_and_noise_when_not_given():
+    diffusion = IDDPM(learn_sigma=False)
+    model = AffineModel()
+    paddle.seed(0)
+    loss = diffusion.training_losses(lambda x, t, **kw: model(x, t)[:, :2], paddle.zeros([400, 2, 1, 1, 1]), {})
+    assert set(loss) == {"loss", "mse"} and loss["loss"].shape == [400]
+    assert model.timestep.min() < 30 and model.timestep.max() > 970 and np.all(model.timestep == np.round(model.timestep))
+    # x0 = 0: x_t = sqrt(1 - abar_t) noise and eps = 0.3 x_t, so the loss is E[(1 - 0.3 sqrt(1 - abar_t))^2 noise^2]
+    factor = (1 - 0.3 * np.sqrt(1 - np.cumprod(1 - linear_betas(1000))[model.timestep.astype(int)])) ** 2
+    assert loss["mse"].numpy().mean() / factor.mean() == pytest.approx(1.0, abs=0.2)
+
+
+@pytest.mark.parametrize("sigma_small", [True, False])
+def test_fixed_variances(sigma_small):
+    diffusion = IDDPM(num_sampling_steps=10, learn_sigma=False, sigma_small=sigma_small)
+    betas, variance = posterior_variance_np(np.cumprod(1 - linear_betas(1000))[diffusion.timestep_map])
+    x = paddle.zeros([1, 2, 1, 1, 1])
+    for t in (0, 4):
+        _, log_var, _ = diffusion.p_mean_variance(paddle.zeros([1, 2, 1, 1, 1]), x, paddle.to_tensor([t]))
+        expected = np.log(variance[max(t, 1)]) if sigma_small else np.log(variance[1] if t == 0 else betas[t])
+        np.testing.assert_allclose(log_var.numpy().ravel(), expected, rtol=1e-6)
+
+
+def test_respacing_is_given_once():
+    with pytest.raises(ValueError, match="give num_sampling_steps or timestep_respacing, not both"):
+        IDDPM(num_sampling_steps=10, timestep_respacing="10")
+    assert IDDPM(timestep_respacing="ddim10").timestep_map == list(range(0, 1000, 100))

@@ -132,3 +132,85 @@ def test_training_loss_ignores_conditioning_frames_and_timestep_sampling():
     x_t[:, 0] = x_np[:, 0]
     expected = ((0.1 * x_t - (x_np - n_np)) ** 2)[:, 1:].mean()
     assert float(clean[0]) == pytest.approx(expected, rel=1e-5)
+
+
+def shifted(t, height, width, frames, num_timesteps=1000, compression=1, scale=1.0, base_frames=1):
+    """Open-Sora v1.2's timestep shift in numpy."""
+    ratio = np.sqrt(height * width / 512**2) * np.sqrt(np.ceil(frames / compression) / base_frames) * scale
+    s = t / num_timesteps
+    return ratio * s / (1 + (ratio - 1) * s) * num_timesteps
+
+
+def test_timestep_transform_defaults_scale_and_base_frames():
+    t, size = np.array([900.0, 300.0], dtype="float32"), np.array([256.0, 512.0])
+    tensors = [paddle.to_tensor(v) for v in (t, size, size, np.array([16.0, 9.0]))]
+    np.testing.assert_allclose(timestep_transform(*tensors, 1000).numpy(), shifted(t, size, size, np.array([16.0, 9.0])), rtol=1e-5)
+    ours = timestep_transform(*tensors, 1000, scale=3.0, base_num_frames=4).numpy()
+    np.testing.assert_allclose(ours, shifted(t, size, size, np.array([16.0, 9.0]), scale=3.0, base_frames=4), rtol=1e-5)
+    flow = RFLOW(transform_scale=2.0, temporal_compression=4)
+    size_args = dict(height=paddle.to_tensor(size), width=paddle.to_tensor(size), num_frames=paddle.to_tensor([16.0, 9.0]))
+    np.testing.assert_allclose(flow.transform(paddle.to_tensor(t), size_args).numpy(),
+                               shifted(t, size, size, np.array([16.0, 9.0]), compression=4, scale=2.0), rtol=1e-5)
+
+
+def test_defaults_are_open_sora_v12s():
+    flow = RFLOW()
+    assert len(flow.sampling_timesteps()) == 30 and flow.cfg_scale == 4.0 and flow.num_timesteps == 1000
+    assert (flow.sample_method, flow.use_discrete_timesteps, flow.use_timestep_transform) == ("uniform", False, False)
+    paddle.seed(0)
+    t = RFLOW(sample_method="logit-normal").sample_training_timesteps(20000).numpy() / 1000
+    logits = np.log(t / (1 - t))
+    assert abs(logits.mean()) < 0.03 and logits.std() == pytest.approx(1.0, abs=0.03)  # loc 0, scale 1
+
+
+def test_bad_sampling_options_are_refused():
+    with pytest.raises(ValueError, match="sample_method 'gaussian' is not one of"):
+        RFLOW(sample_method="gaussian")
+    with pytest.raises(ValueError, match="discrete timesteps are drawn uniformly"):
+        RFLOW(use_discrete_timesteps=True, sample_method="logit-normal")
+    RFLOW(use_discrete_timesteps=True, sample_method="uniform")
+
+
+def test_uniform_and_discrete_training_timesteps_and_discrete_grid():
+    paddle.seed(0)
+    uniform = RFLOW(sample_method="uniform").sample_training_timesteps(20000).numpy()
+    assert uniform.shape == (20000,) and 0 <= uniform.min() and uniform.max() < 1000
+    assert uniform.mean() == pytest.approx(500, abs=10) and uniform.std() == pytest.approx(1000 / np.sqrt(12), abs=10)
+    discrete_flow = RFLOW(num_sampling_steps=3, use_discrete_timesteps=True)
+    discrete = discrete_flow.sample_training_timesteps(5000)
+    values = discrete.numpy()
+    assert discrete.dtype == paddle.float32 and np.all(values == np.round(values))
+    assert values.min() == 0 and values.max() == 999
+    assert discrete_flow.sampling_timesteps() == [1000.0, 667.0, 333.0]
+
+
+class RecordingVelocity(paddle.nn.Layer):
+    def forward(self, x, t, **kwargs):
+        self.t = t.numpy().copy()
+        return x * 0.1
+
+
+def test_training_draws_shifted_timesteps_and_noise_when_not_given(size_args):
+    flow = RFLOW(sample_method="logit-normal", use_timestep_transform=True, transform_scale=2.0)
+    x = paddle.randn([3, 4, 4, 2, 2])
+    paddle.seed(5)
+    raw = flow.sample_training_timesteps(3).numpy()
+    noise = paddle.randn(x.shape)
+    model = RecordingVelocity()
+    paddle.seed(5)
+    loss = flow.training_losses(model, x, size_args(3))["loss"].numpy()
+    np.testing.assert_allclose(model.t, shifted(raw, 64.0, 64.0, 4.0, scale=2.0), rtol=1e-5)
+    s = (model.t / 1000).reshape([-1, 1, 1, 1, 1])
+    x_t = (1 - s) * x.numpy() + s * noise.numpy()
+    expected = ((0.1 * x_t - (x.numpy() - noise.numpy())) ** 2).reshape(3, -1).mean(axis=1)
+    np.testing.assert_allclose(loss, expected, rtol=1e-4)
+
+
+def test_timestep_weights_scale_each_samples_loss():
+    flow = RFLOW()
+    x, noise = paddle.randn([2, 4, 3, 2, 2]), paddle.randn([2, 4, 3, 2, 2])
+    t = paddle.to_tensor([100.0, 900.0])
+    weights = np.linspace(0.5, 2.0, 1000)
+    plain = flow.training_losses(RecordingVelocity(), x, {}, t=t, noise=noise)["loss"].numpy()
+    weighted = flow.training_losses(RecordingVelocity(), x, {}, t=t, noise=noise, weights=weights)["loss"].numpy()
+    np.testing.assert_allclose(weighted, plain * weights[[100, 900]], rtol=1e-5)
