@@ -228,6 +228,9 @@ def main(argv):
     parser.add_argument("--config", help="stdit2: config JSON for a raw .pt/.pth checkpoint (e.g. configs/stdit2/xl2.json)")
     parser.add_argument("--key", help="stdit2: which nested state dict of a training checkpoint to use (model, ema, module)")
     args = parser.parse_args(argv)
+    from utils.runtime import quiet_library_logs
+
+    quiet_library_logs()
     if not os.path.exists(args.source):
         raise UserError(f"{args.source}: not found locally. Hub names cannot be fetched here: download the files "
                         "where there is network and pass the local path")

@@ -194,3 +194,14 @@ def test_committed_benchmark_results_hold_no_machine_paths():
     for path in glob.glob(os.path.join(REPO, "benchmarks", "results", "*.json")):
         text = open(path, encoding="utf-8").read()
         assert REPO not in text and '"/' not in text, path
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_loading_logs_only_with_verbose(tmp_path, tiny_model_flags, verbose):
+    result = subprocess.run(
+        [sys.executable, "scripts/inference.py", "--prompt", "a red circle", "--save-dir", str(tmp_path), "--quiet",
+         *tiny_model_flags, *(["--verbose"] if verbose else [])],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("Loading configuration file" in result.stderr + result.stdout) == verbose
