@@ -95,6 +95,18 @@ def official_layout(model, rename=lambda key: key):
     return {rename(name): (value.numpy().T if name in linear else value.numpy()).copy() for name, value in model.state_dict().items()}
 
 
+def write_hub_directory(directory, model, config, weights_name="model.safetensors"):
+    os.makedirs(directory)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f)
+    save_file(official_layout(model), os.path.join(directory, weights_name))
+
+
+def read_config(directory):
+    with open(os.path.join(directory, "config.json")) as f:
+        return json.load(f)
+
+
 def write_official_checkpoints(tiny_models, root):
     """Tiny models in the layouts the hub has (STDiT2 with a current transformers' config, diffusers VAE, HF T5)."""
     from paddlenlp.transformers import T5EncoderModel
@@ -102,33 +114,20 @@ def write_official_checkpoints(tiny_models, root):
 
     from models.stdit.stdit2 import STDiT2
 
-    stdit2 = os.path.join(root, "OpenSora-STDiT-v2-stage3")
-    os.makedirs(stdit2)
     # The official STDiT2 learns sigma (the README command samples it with its default, IDDPM).
     model = STDiT2(dataclasses.replace(STDiT2.from_pretrained(tiny_models["stdit2"]).config, pred_sigma=True))
     config = {**model.config.to_dict(), "architectures": ["STDiT2"], "model_type": "STDiT2", "dtype": "float32",
               "transformers_version": "4.57.1", "input_size": [None, None, None]}
-    with open(os.path.join(stdit2, "config.json"), "w") as f:
-        json.dump(config, f)
-    save_file(official_layout(model), os.path.join(stdit2, "model.safetensors"))
-
-    vae = os.path.join(root, "sd-vae-ft-ema")
-    os.makedirs(vae)
-    model = AutoencoderKL.from_pretrained(tiny_models["vae"])
-    with open(os.path.join(tiny_models["vae"], "config.json")) as f:
-        config = json.load(f)
-    with open(os.path.join(vae, "config.json"), "w") as f:
-        json.dump({**config, "_diffusers_version": "0.30.0"}, f)
-    save_file(official_layout(model), os.path.join(vae, "diffusion_pytorch_model.safetensors"))
-
+    write_hub_directory(os.path.join(root, "OpenSora-STDiT-v2-stage3"), model, config)
+    write_hub_directory(
+        os.path.join(root, "sd-vae-ft-ema"), AutoencoderKL.from_pretrained(tiny_models["vae"]),
+        {**read_config(tiny_models["vae"]), "_diffusers_version": "0.30.0"}, "diffusion_pytorch_model.safetensors",
+    )
     t5 = os.path.join(root, "t5-v1_1-xxl")
-    os.makedirs(t5)
-    model = T5EncoderModel.from_pretrained(tiny_models["text_encoder"])
-    with open(os.path.join(tiny_models["text_encoder"], "config.json")) as f:
-        config = json.load(f)
-    with open(os.path.join(t5, "config.json"), "w") as f:
-        json.dump({**config, "architectures": ["T5ForConditionalGeneration"]}, f)
-    save_file(official_layout(model), os.path.join(t5, "model.safetensors"))
+    write_hub_directory(
+        t5, T5EncoderModel.from_pretrained(tiny_models["text_encoder"]),
+        {**read_config(tiny_models["text_encoder"]), "architectures": ["T5ForConditionalGeneration"]},
+    )
     shutil.copy(os.path.join(tiny_models["text_encoder"], "spiece.model"), t5)
 
 
