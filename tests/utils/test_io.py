@@ -16,9 +16,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.fixture
-def umask_027():
+def umask_002():
     # A umask other than the common 022 shows that modes come from the umask and not from a constant.
-    previous = os.umask(0o027)
+    previous = os.umask(0o002)
     yield
     os.umask(previous)
 
@@ -27,13 +27,13 @@ def mode(path):
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-def test_write_replaces_the_content_and_leaves_only_the_file(tmp_path, umask_027):
+def test_write_replaces_the_content_and_leaves_only_the_file(tmp_path, umask_002):
     path = tmp_path / "sub" / "out.json"
     write_text_atomic(str(path), "old\n")
     write_text_atomic(str(path), "new ✓\n")
     assert path.read_text(encoding="utf-8") == "new ✓\n"
     assert os.listdir(path.parent) == ["out.json"]
-    assert mode(path) == 0o640  # what open() would give under this umask, not the temporary file's 0600
+    assert mode(path) == 0o664  # what open() would give under this umask, not the temporary file's 0600
 
 
 def test_interrupted_write_keeps_the_old_file_and_removes_the_temporary(tmp_path, monkeypatch):
@@ -48,6 +48,33 @@ def test_interrupted_write_keeps_the_old_file_and_removes_the_temporary(tmp_path
         write_text_atomic(str(path), "new\n")
     assert path.read_text() == "old\n"
     assert os.listdir(tmp_path) == ["out.json"]
+
+
+def test_the_temporary_is_hidden_beside_the_target(tmp_path):
+    with atomic_path(str(tmp_path / "out.json")) as tmp:
+        assert os.path.dirname(tmp) == str(tmp_path)  # same file system, so the rename is atomic
+        name = os.path.basename(tmp)
+        assert name.startswith(".out.json.") and name.endswith(".tmp") and not os.path.exists(tmp)
+        open(tmp, "w").close()
+
+
+def test_a_file_never_replaces_a_directory(tmp_path):
+    (tmp_path / "model").mkdir()
+    with pytest.raises(OSError):
+        with atomic_path(str(tmp_path / "model")) as tmp:
+            open(tmp, "w").close()
+    assert (tmp_path / "model").is_dir() and os.listdir(tmp_path) == ["model"]
+
+
+def test_text_is_utf8_whatever_the_locale(tmp_path):
+    # the command itself is ASCII: under the C locale a non-ASCII argument would not even reach Python
+    code = ("import sys; from utils.io import write_text_atomic, read_json_object; text = 'caf' + chr(233) + ' ' + chr(10003); "
+            "write_text_atomic(sys.argv[1], '{\"caption\": \"' + text + '\"}'); print(read_json_object(sys.argv[1], 'x')['caption'] == text)")
+    env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", PYTHONIOENCODING="utf-8")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.json")], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "True"
+    assert (tmp_path / "c.json").read_bytes() == '{"caption": "café ✓"}'.encode("utf-8")
 
 
 def test_interrupted_block_keeps_the_old_file_and_the_old_directory(tmp_path):
@@ -70,7 +97,7 @@ def test_interrupted_block_keeps_the_old_file_and_the_old_directory(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["model", "weights.bin"]
 
 
-def test_directory_replaces_an_existing_one_whole(tmp_path, umask_027):
+def test_directory_replaces_an_existing_one_whole(tmp_path, umask_002):
     target = tmp_path / "model"
     target.mkdir()
     (target / "stale.bin").write_text("old")
@@ -81,7 +108,7 @@ def test_directory_replaces_an_existing_one_whole(tmp_path, umask_027):
         os.chmod(tmp, 0o700)  # e.g. made by tempfile.mkdtemp
     assert os.listdir(target) == ["vae"] and (target / "vae" / "config.json").read_text() == "{}"
     assert os.listdir(tmp_path) == ["model"]
-    assert (mode(target), mode(target / "vae"), mode(target / "vae" / "config.json")) == (0o750, 0o750, 0o640)
+    assert (mode(target), mode(target / "vae"), mode(target / "vae" / "config.json")) == (0o775, 0o775, 0o664)
 
 
 KILL_LOOP = """
@@ -130,6 +157,7 @@ def test_read_json_object_names_the_file_and_the_problem(tmp_path):
 
 def test_ensure_writable_dir_creates_or_explains(tmp_path):
     ensure_writable_dir(str(tmp_path / "a" / "b"), "--save-dir")
+    ensure_writable_dir(str(tmp_path / "a" / "b"), "--save-dir")  # an existing directory is fine
     assert (tmp_path / "a" / "b").is_dir()
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match=r"^--save-dir .*file/out: cannot create it \(.*\); choose a writable directory$"):
