@@ -105,3 +105,25 @@ def test_fixed_size_sampler_is_disjoint_and_covers_each_item_once():
     assert len(batches[0]) == len(batches[1]) == len(samplers[0]) == 3 and len(set(flat)) == len(flat) == 18
     samplers[0].set_epoch(1)
     assert list(samplers[0]) != batches[0]
+
+
+def test_sample_metadata_images_and_fixed_start(tmp_path, meta, caplog):
+    from PIL import Image
+
+    pixels = np.zeros((8, 16, 3), np.uint8)
+    pixels[:, 8:] = 255
+    Image.fromarray(pixels).save(tmp_path / "clips" / "still.png")
+    csv = tmp_path / "images.csv"
+    csv.write_text("path,text,num_frames,height,width\nclips/still.png,still,1,8,16\nclips/a.mp4,video,20,32,48\n")
+    dataset = VariableVideoTextDataset(str(csv), num_frames=4, frame_interval=2, image_size=(8, 16), random_start=False)
+    image = dataset[0]
+    assert image["video"].shape == (3, 1, 8, 16) and image["fps"] == 120.0  # images get the original's image fps
+    np.testing.assert_array_equal(image["video"][:, 0, :, :8], -1.0)
+    np.testing.assert_array_equal(image["video"][:, 0, :, 8:], 1.0)
+    video = dataset[1]
+    assert (video["num_frames"], video["height"], video["width"], video["ar"]) == (4.0, 8.0, 16.0, 0.5)
+    assert source_frames(video) == [0, 2, 4, 6]  # without random starts every clip starts at frame 0
+    assert video["fps"] == 24.0  # no fps column: the original's default
+    short = VariableVideoTextDataset(str(meta), num_frames=5, frame_interval=3, image_size=(8, 8))
+    assert short[1]["text"] == "first"  # b.mp4 has 12 frames, fewer than 13: skipped and said why
+    assert any("fewer than the 13 needed" in record.getMessage() for record in caplog.records)
