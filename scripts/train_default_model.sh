@@ -2,14 +2,19 @@
 # Rebuild the shipped demo model (assets/default_model) from nothing, on CPU.
 #   bash scripts/train_default_model.sh [DATA_DIR]
 # DATA_DIR (default: data/synthetic) receives the rendered toy videos; it is not part of the repo.
-# START_STEP=N skips the steps before N (e.g. START_STEP=4 retrains only STDiT2 on existing data and VAE,
-# START_STEP=5 only its second cycle).
+# MODEL_DIR (default: assets/default_model) and RESULTS_DIR (default: assets/results) receive the model and the
+# evaluation strips; point them elsewhere to build a candidate without touching the shipped model.
+# START_STEP=N skips the steps before N. An interrupted STDiT2 cycle resumes from its newest checkpoint in
+# RUN_DIR when rerun from its step (START_STEP=5 for the first cycle, 6 for the second); step 4 encodes new
+# latents and so deletes RUN_DIR, whose checkpoints were trained on the old ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python="${PYTHON:-python}"
 data_dir="${1:-data/synthetic}"
-model_dir="assets/default_model"
+model_dir="${MODEL_DIR:-assets/default_model}"
+results_dir="${RESULTS_DIR:-assets/results}"
+run_dir="${RUN_DIR:-runs/default_stdit2}"
 start_step="${START_STEP:-1}"
 
 # step N TITLE: true when step N should run; prints the step's title and the time since the script started.
@@ -18,23 +23,23 @@ step() {
     echo "== step $1 (${SECONDS}s since start): $2"
 }
 
-# 1. Toy data set: 2000 captioned training clips + the held-out combinations (~15 s).
+# 1. Toy data set: 2000 training clips, captioned the ways people write, + the held-out combinations (~20 s).
 step 1 "toy data set" && "$python" scripts/make_synthetic_data.py --output-dir "$data_dir" --num-clips 2000 --seed 0
 
 # 2. Tokenizer trained on the captions + small random-init T5 encoder (seconds).
 step 2 "text encoder" && "$python" scripts/make_text_encoder.py --output-dir "$model_dir/text_encoder" --seed 0
 
-# 3. Image VAE on the frames of the training clips (~10 min on 2 CPU cores).
-step 3 "VAE" && "$python" scripts/train_vae.py --data-dir "$data_dir" --output-dir "$model_dir/vae" --seed 0
+# 3. Image VAE on the frames of the training clips and as many random colour frames (train_vae.py says why).
+step 3 "VAE" && "$python" scripts/train_vae.py --data-dir "$data_dir" --output-dir "$model_dir/vae" --seed 0 \
+    --steps 1600 --colour-fraction 0.5 --lowpass-weight 1.0
 
-# 4-5. STDiT2 with the real training script, in two cosine cycles: the second restarts from the first one's EMA
+# 4-6. STDiT2 with the real training script, in two cosine cycles: the second restarts from the first one's EMA
 #    weights at half the peak learning rate; its final (not EMA) weights are shipped, which followed the
 #    prompted direction more often than its EMA (README). The VAE is frozen and every clip is used whole,
 #    so the clips are encoded once (posterior mean and std) instead of at every step; each step still draws a
 #    fresh latent. Rectified flow with the v1.2 timestep shift (x3 at 64x64x16: scale 6 times the base 0.5), so
 #    more steps train the high noise levels where a clip's layout and motion are decided; v1.1 frame masks with
 #    more conditioning (image/connect/extend/edit).
-run_dir="${RUN_DIR:-runs/default_stdit2}"
 stdit2_recipe=(
     --latent_data_path "$data_dir/latents/latents.csv" --vae_path "$model_dir/vae"
     --text_encoder_path "$model_dir/text_encoder" --sampler rflow
@@ -44,23 +49,24 @@ stdit2_recipe=(
     --ema_decay 0.999 --inference_cfg_scale 4.0
     --mask_ratios '{"mask_no": 0.7, "mask_quarter_random": 0.03, "mask_quarter_head": 0.06, "mask_quarter_tail": 0.03, "mask_quarter_head_tail": 0.03, "mask_image_random": 0.03, "mask_image_head": 0.06, "mask_image_tail": 0.03, "mask_image_head_tail": 0.03}'
 )
-if step 4 "latents and STDiT2, first cycle"; then
+if step 4 "latents"; then
     "$python" scripts/encode_latents.py --data-path "$data_dir/train.csv" --vae-path "$model_dir/vae" \
         --num-frames 16 --image-size 64 64 --output-dir "$data_dir/latents" --batch-size 16
-    "$python" scripts/trainer_opensora.py --do_train --output_dir "$run_dir/cycle1" --overwrite_output_dir \
-        --model_config configs/stdit2/demo.json "${stdit2_recipe[@]}" \
-        --learning_rate 8e-4 --warmup_steps 150 --max_steps 6000 --seed 42
+    rm -rf "$run_dir"
 fi
-if step 5 "STDiT2, second cycle"; then
-    "$python" scripts/trainer_opensora.py --do_train --output_dir "$run_dir/cycle2" --overwrite_output_dir \
-        --pretrained_model_path "$run_dir/cycle1/ema" "${stdit2_recipe[@]}" \
-        --learning_rate 4e-4 --warmup_steps 100 --max_steps 1500 --seed 43
-fi
+# No --overwrite_output_dir: rerun, a cycle resumes from its newest complete checkpoint.
+step 5 "STDiT2, first cycle" && "$python" scripts/trainer_opensora.py --do_train --output_dir "$run_dir/cycle1" \
+    --model_config configs/stdit2/demo.json "${stdit2_recipe[@]}" \
+    --learning_rate 8e-4 --warmup_steps 150 --max_steps 6000 --seed 42
+step 6 "STDiT2, second cycle" && "$python" scripts/trainer_opensora.py --do_train --output_dir "$run_dir/cycle2" \
+    --pretrained_model_path "$run_dir/cycle1/ema" "${stdit2_recipe[@]}" \
+    --learning_rate 4e-4 --warmup_steps 100 --max_steps 1500 --seed 43
 
-# 6. Ship the second cycle's weights with the sampling settings they were trained for, and measure them.
-if step 6 "ship and evaluate"; then
+# 7. Ship the second cycle's weights with the sampling settings they were trained for, and measure them.
+if step 7 "ship and evaluate"; then
     mkdir -p "$model_dir/stdit2"
     cp "$run_dir/cycle2/config.json" "$run_dir/cycle2/model.safetensors" "$run_dir/cycle2/inference.json" "$model_dir/stdit2/"
-    "$python" scripts/evaluate.py --num-prompts 48 --output "$model_dir/evaluation.json" --strips-dir assets/results
+    "$python" scripts/evaluate.py --num-prompts 48 --model-dir "$model_dir" \
+        --output "$model_dir/evaluation.json" --strips-dir "$results_dir"
 fi
 echo "== done in ${SECONDS}s"

@@ -2,9 +2,12 @@
 
     python scripts/train_vae.py --data-dir /work/data/synthetic --output-dir assets/default_model/vae
 
-Frames come from the mp4s listed in <data-dir>/train.csv (decoded with PyAV, the same path as user data);
-PSNR is measured on the frames of <data-dir>/heldout.csv. After training the latent scale is measured and
-stored as `scaling_factor = 1 / std(latents)` in the saved config, so the diffusion model sees unit-variance
+Frames come from the mp4s listed in <data-dir>/train.csv (decoded with PyAV, the same path as user data),
+mixed with random colour frames (`--colour-fraction`): objects are 5% of a toy frame's pixels and no toy
+frame is filled with a saturated colour, so a VAE trained on toy frames alone reproduces the backgrounds
+and shifts every object colour (the first shipped VAE turned red into orange and a red frame into grey).
+PSNR is measured on the frames of <data-dir>/heldout.csv, and the colour report on palette objects and
+solid frames (`colour_report`). After training the latent scale is measured and stored as `scaling_factor = 1 / std(latents)` in the saved config, so the diffusion model sees unit-variance
 latents. The output folder (config.json, diffusion_pytorch_model.safetensors, training_report.json) is
 replaced atomically at the end.
 """
@@ -21,6 +24,7 @@ os.environ.setdefault("KMP_BLOCKTIME", "0")
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import time
@@ -28,6 +32,7 @@ import time
 import av
 import numpy as np
 import paddle
+from PIL import Image, ImageDraw
 from ppdiffusers import AutoencoderKL
 
 from utils.errors import UserError, run_cli
@@ -59,6 +64,22 @@ def parse_args(argv):
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, cosine-decayed to 1%% of it")
     parser.add_argument(
         "--kl-weight", type=float, default=1e-5, help="weight of the KL term summed per frame, over pixels"
+    )
+    parser.add_argument(
+        "--colour-fraction", type=float, default=0.5, help="share of each batch drawn as random colour frames"
+    )
+    parser.add_argument(
+        "--lowpass-weight",
+        type=float,
+        default=1.0,
+        help="weight of the squared error of 8x8-pooled colours, which the per-pixel terms barely see",
+    )
+    parser.add_argument(
+        "--block-out-channels", type=int, nargs=4, default=None,
+        help=f"channels of the four resolution levels of a new VAE (default {VAE_CONFIG['block_out_channels']})",
+    )
+    parser.add_argument(
+        "--latent-channels", type=int, default=None, help=f"of a new VAE (default {VAE_CONFIG['latent_channels']})"
     )
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up; use ~100 with --init-from")
     parser.add_argument("--init-from", default=None, help="continue training this saved VAE instead of a new one")
@@ -93,6 +114,55 @@ def load_frames(csv_path, max_clips=None):
     return np.concatenate(clips)
 
 
+def random_colour(rng):
+    return tuple(int(v) for v in rng.integers(0, 256, size=3))
+
+
+def random_background(rng, height, width):
+    """[H, W, 3] float: a solid colour, a linear gradient at any angle, or a smooth random colour field."""
+    kind = rng.integers(3)
+    if kind == 0:
+        return np.broadcast_to(np.array(random_colour(rng), float), (height, width, 3)).copy()
+    if kind == 1:
+        angle = rng.uniform(0, 2 * np.pi)
+        rows, cols = np.mgrid[0:height, 0:width]
+        position = np.cos(angle) * cols / width + np.sin(angle) * rows / height
+        weight = ((position - position.min()) / max(np.ptp(position), 1e-6))[..., None]
+        return (1 - weight) * np.array(random_colour(rng), float) + weight * np.array(random_colour(rng), float)
+    # A few random colours on a coarse grid, blended bicubically: soft regions like a photograph's.
+    grid = rng.integers(2, 6)
+    coarse = rng.integers(0, 256, size=(grid, grid, 3)).astype(np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), float)
+
+
+def random_colour_frame(rng, height, width):
+    """One uint8 [H, W, 3] frame: a random background with up to three shapes of random colours and sizes."""
+    image = Image.fromarray(np.clip(random_background(rng, height, width), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.integers(0, 4)):
+        size = rng.uniform(0.1, 0.7) * min(height, width)
+        x, y = rng.uniform(0, width), rng.uniform(0, height)
+        box = [x - size / 2, y - size / 2, x + size / 2, y + size / 2]
+        shape = rng.integers(3)
+        if shape == 0:
+            draw.ellipse(box, fill=random_colour(rng))
+        elif shape == 1:
+            draw.rectangle(box, fill=random_colour(rng))
+        else:
+            draw.polygon([(x, box[1]), (box[2], box[3]), (box[0], box[3])], fill=random_colour(rng))
+    return np.asarray(image)
+
+
+def training_batch(rng, frames, batch_size, colour_fraction):
+    """uint8 [B, H, W, 3]: toy frames, with each one replaced by a random colour frame with probability
+    `colour_fraction`."""
+    batch = frames[rng.integers(len(frames), size=batch_size)].copy()
+    height, width = batch.shape[1:3]
+    for index in np.flatnonzero(rng.random(batch_size) < colour_fraction):
+        batch[index] = random_colour_frame(rng, height, width)
+    return batch
+
+
 def to_model_input(frames):
     """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] in [-1, 1]."""
     return paddle.to_tensor(frames.transpose(0, 3, 1, 2).astype("float32") / 127.5 - 1.0)
@@ -118,6 +188,35 @@ def evaluate(vae, frames, batch_size=64):
     return 10 * math.log10(1.0 / max(mse, 1e-12)), float(np.concatenate(latents).std())
 
 
+@paddle.no_grad()
+def colour_report(vae, height, width):
+    """Largest RGB distance (0-255) between input and reconstruction of: the mean colour of each palette
+    object (every colour, shape and background of the toy world, over the pixels of the object's own colour),
+    and the mean colour of frames filled with each palette or background colour."""
+    from dataset import synthetic
+
+    objects, masks = [], []
+    for colour, shape, background in itertools.product(synthetic.COLOURS, synthetic.SHAPES, synthetic.BACKGROUNDS):
+        clip = synthetic.sample_clip(np.random.default_rng(0), (colour, shape, "right"), height, width)
+        frame = synthetic.render_frame(dict(clip, background=background), 0, height, width)
+        objects.append(frame)
+        masks.append(np.all(frame == synthetic.COLOURS[colour], axis=-1))
+    fills = [*synthetic.COLOURS.values(), *synthetic.BACKGROUNDS.values()]
+    solids = np.stack([np.full((height, width, 3), rgb, np.uint8) for rgb in fills])
+
+    def reconstruct(frames):
+        x = to_model_input(np.stack(frames))
+        decoded = vae.decode(vae.encode(x).latent_dist.mean).sample.clip(-1, 1)
+        return ((decoded.numpy() + 1) * 127.5).transpose(0, 2, 3, 1)
+
+    object_errors = [
+        np.linalg.norm(out[mask].mean(0) - frame[mask].mean(0))
+        for out, frame, mask in zip(reconstruct(objects), objects, masks)
+    ]
+    solid_errors = [np.linalg.norm(out.reshape(-1, 3).mean(0) - rgb) for out, rgb in zip(reconstruct(solids), fills)]
+    return {"palette_object_max_error": float(max(object_errors)), "solid_frame_max_error": float(max(solid_errors))}
+
+
 def train(vae, frames, args):
     schedule = paddle.optimizer.lr.CosineAnnealingDecay(args.lr, T_max=args.steps, eta_min=args.lr * 0.01)
     if args.warmup_steps:
@@ -132,10 +231,13 @@ def train(vae, frames, args):
     vae.train()
     start = time.time()
     for step in range(1, args.steps + 1):
-        x = to_model_input(frames[rng.integers(len(frames), size=args.batch_size)])
+        x = to_model_input(training_batch(rng, frames, args.batch_size, args.colour_fraction))
         posterior = vae.encode(x).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         reconstruction_loss = (reconstruction - x).abs().mean() + (reconstruction - x).square().mean()
+        # Mean colours over 8x8 blocks: a small object's colour error is a few pixels in the terms above.
+        pooled_error = paddle.nn.functional.avg_pool2d(reconstruction - x, kernel_size=8)
+        reconstruction_loss = reconstruction_loss + args.lowpass_weight * pooled_error.square().mean()
         # KL summed over a frame's latent, spread over its pixels like the reconstruction terms.
         kl_loss = posterior.kl().mean() / math.prod(x.shape[1:])
         loss = reconstruction_loss + args.kl_weight * kl_loss
@@ -159,6 +261,8 @@ def main(argv):
     args = parse_args(argv)
     if args.steps <= 0 or args.batch_size <= 0:
         raise UserError(f"--steps {args.steps} --batch-size {args.batch_size}: both must be positive")
+    if not 0 <= args.colour_fraction <= 1:
+        raise UserError(f"--colour-fraction {args.colour_fraction}: must be between 0 and 1")
     configure_cpu_runtime()
     paddle.seed(args.seed)
     started = time.time()
@@ -167,7 +271,14 @@ def main(argv):
     print(f"loaded {len(train_frames)} training and {len(heldout_frames)} held-out frames", flush=True)
 
     if args.init_from is None:
-        vae = AutoencoderKL(**VAE_CONFIG)
+        config = dict(VAE_CONFIG)
+        if args.block_out_channels is not None:
+            config["block_out_channels"] = args.block_out_channels
+        if args.latent_channels is not None:
+            config["latent_channels"] = args.latent_channels
+        vae = AutoencoderKL(**config)
+    elif args.block_out_channels is not None or args.latent_channels is not None:
+        raise UserError("--block-out-channels and --latent-channels shape a new VAE; leave them out with --init-from")
     elif os.path.isfile(os.path.join(args.init_from, "config.json")):
         vae = AutoencoderKL.from_pretrained(args.init_from)
     else:
@@ -180,6 +291,7 @@ def main(argv):
     vae.register_to_config(scaling_factor=1.0 / train_latent_std)
     report = {
         "heldout_psnr_db": round(heldout_psnr, 3),
+        **{key: round(value, 2) for key, value in colour_report(vae, *train_frames.shape[1:3]).items()},
         "train_psnr_db": round(train_psnr, 3),
         "latent_std": train_latent_std,
         "heldout_latent_std": latent_std,
@@ -190,6 +302,10 @@ def main(argv):
         "lr": args.lr,
         "warmup_steps": args.warmup_steps,
         "kl_weight": args.kl_weight,
+        "block_out_channels": list(vae.config.block_out_channels),
+        "latent_channels": vae.config.latent_channels,
+        "colour_fraction": args.colour_fraction,
+        "lowpass_weight": args.lowpass_weight,
         "seed": args.seed,
         "num_training_frames": len(train_frames),
         "num_heldout_frames": len(heldout_frames),
