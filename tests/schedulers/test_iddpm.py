@@ -141,15 +141,22 @@ def test_posterior_log_variance_is_clipped_at_t0_to_the_t1_value(steps):
         np.testing.assert_allclose(log_var.numpy() if hasattr(log_var, "numpy") else log_var, np.log(variance[1]), rtol=1e-6)
 
 
-class ZeroModel(paddle.nn.Layer):
-    """eps = 0 and a variance fraction of 1/2: the sampler's arithmetic alone decides the output."""
+class CaptionModel(paddle.nn.Layer):
+    """eps = the caption's mean (the fake encoder's prompt length; 0 for the null caption), variance fraction 1/2:
+    the sampler's arithmetic and its guidance alone decide the output. Records the frame masks it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.x_masks = []
 
     def forward(self, x, timestep, y=None, mask=None, x_mask=None, **size_args):
-        return paddle.concat([paddle.zeros_like(x), paddle.zeros_like(x)], axis=1)
+        self.x_masks.append(None if x_mask is None else x_mask.numpy().tolist())
+        eps = paddle.zeros_like(x) + y.mean(axis=[1, 2, 3]).reshape([-1, 1, 1, 1, 1])
+        return paddle.concat([eps, paddle.zeros_like(x)], axis=1)
 
 
-def test_only_the_steps_before_t0_add_noise_of_the_interpolated_variance(text_encoder, size_args, monkeypatch):
-    """Two steps from z = 0 with eps = 0: the output is the t = 1 noise scaled by known factors, exactly."""
+def test_only_the_steps_before_t0_add_noise_and_guidance_covers_the_cfg_channels(text_encoder, size_args, monkeypatch):
+    """Two steps from z = 0: the output is the t = 1 noise and the guided eps through known factors, exactly."""
     draws = []
     randn = paddle.randn
 
@@ -158,15 +165,31 @@ def test_only_the_steps_before_t0_add_noise_of_the_interpolated_variance(text_en
         return draws[-1]
 
     monkeypatch.setattr(paddle, "randn", recording_randn)
-    diffusion = IDDPM(num_sampling_steps=2, cfg_scale=1.0)
-    out = diffusion.sample(ZeroModel(), text_encoder, paddle.zeros([1, 4, 3, 4, 4]), ["a"], size_args(1), progress=False).numpy()
+    diffusion = IDDPM(num_sampling_steps=2, cfg_scale=1.0, cfg_channel=1)
+    out = diffusion.sample(CaptionModel(), text_encoder, paddle.zeros([1, 2, 3, 4, 4]), ["ab"], size_args(1), progress=False,
+                           cfg_scale=5.0).numpy()
     acp = np.cumprod(1 - linear_betas(1000))[diffusion.timestep_map]
     betas, variance = posterior_variance_np(acp)
-    # t = 1: mean 0, std exp(log_var / 2), log_var halfway (fraction 1/2) between log posterior var and log beta
+    # guided eps: uncond + 5 (cond - uncond) = 10 on the first (cfg) channel, the conditional 2 on the other
+    eps = np.array([10.0, 2.0]).reshape([1, 2, 1, 1, 1])
+    # t = 1 from z = 0: x0 = -sqrt(1 - abar_1) eps / sqrt(abar_1), mean = coef1 x0; std exp(log_var / 2) with
+    # log_var halfway (fraction 1/2) between the log posterior variance and log beta
+    coef1 = betas[1] * np.sqrt(acp[0]) / (1 - acp[1])
+    z1_mean = coef1 * (-np.sqrt(1 - acp[1]) * eps / np.sqrt(acp[1]))
     std_1 = np.exp(0.25 * (np.log(variance[1]) + np.log(betas[1])))
-    # t = 0: x0 = x / sqrt(abar_0), and with abar_prev = 1 the mean is x0; nothing random may be added
-    noise = [draw.numpy() for draw in draws if draw.shape == [1, 4, 3, 4, 4]]
-    np.testing.assert_allclose(out, noise[0] * std_1 / np.sqrt(acp[0]), rtol=1e-5, atol=1e-7)
+    noise = [draw.numpy() for draw in draws if draw.shape == [1, 2, 3, 4, 4]]
+    z1 = z1_mean + std_1 * noise[0]
+    # t = 0: with abar_prev = 1 the mean is x0 = (z1 - sqrt(1 - abar_0) eps) / sqrt(abar_0); nothing random is added
+    np.testing.assert_allclose(out, (z1 - np.sqrt(1 - acp[0]) * eps) / np.sqrt(acp[0]), rtol=1e-5, atol=1e-6)
+
+
+def test_v11_model_mask_rule_inside_the_sampler(text_encoder, size_args):
+    # 10 steps; frame 2's threshold is floor(0.45 * 10) = 4 and the model is told it is generated only below it
+    model = CaptionModel()
+    IDDPM(num_sampling_steps=10).sample(model, text_encoder, paddle.zeros([1, 2, 3, 1, 1]), ["a"], size_args(1),
+                                        mask=paddle.to_tensor([[1.0, 0.0, 0.45]]), progress=False)
+    expected = [[[True, False, t < 4]] * 2 for t in range(9, -1, -1)]  # both halves of the CFG batch
+    assert model.x_masks == expected
 
 
 def np_cdf(x):

@@ -40,6 +40,14 @@ def test_euler_steps_and_timestep_grid(text_encoder, make_fake_model, size_args)
         expected = expected + 0.25 * (0.5 * expected + 0.03)
     np.testing.assert_allclose(out.numpy().ravel(), np.repeat(expected, 6), rtol=1e-5)
     assert [float(call["timestep"][0]) for call in model.calls] == [1000.0, 750.0, 500.0, 250.0]
+    # a batch of two, a model with a second (variance) half that is ignored, and the guidance scale per call
+    two = flow.sample(make_fake_model(out_factor=2), text_encoder, paddle.ones([2, 2, 3, 1, 1]), ["abc", "abc"], size_args(2), progress=False)
+    np.testing.assert_allclose(two.numpy().ravel(), np.repeat(expected, 12), rtol=1e-5)
+    guided = flow.sample(make_fake_model(out_factor=1), text_encoder, z, ["abc"], size_args(1), progress=False, cfg_scale=2.0)
+    expected = np.ones(1)
+    for _ in range(4):
+        expected = expected + 0.25 * (0.5 * expected + 2.0 * 0.03)
+    np.testing.assert_allclose(guided.numpy().ravel(), np.repeat(expected, 6), rtol=1e-5)
 
 
 class MaskReadingModel(paddle.nn.Layer):

@@ -66,6 +66,15 @@ def test_export_writes_the_averages_and_restores_the_model_and_load_reads_them_b
         averaged = value - 1.0 if name.startswith("trained") else value  # halfway back to the start
         np.testing.assert_allclose(exported[name], averaged, rtol=1e-6, atol=1e-6, err_msg=name)
 
+    class SavesItself(TwoLayers):
+        def save_pretrained(self, directory):
+            save(self, directory)
+
+    own = SavesItself()
+    own.set_state_dict(model.state_dict())
+    ExponentialMovingAverage(own, decay=0.5).export(own, str(tmp_path / "default"))  # without `save`: save_pretrained
+    np.testing.assert_array_equal(load_file(str(tmp_path / "default" / "model.safetensors"))["trained.weight"], live["trained.weight"])
+
     fresh = ExponentialMovingAverage(model, decay=0.5)
     fresh.load(str(tmp_path / "ema"))
     for name in fresh.shadow:
