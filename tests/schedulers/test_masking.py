@@ -37,3 +37,19 @@ def test_mean_flat_over_generated_frames_only():
     expected = [tensor.numpy()[i][:, mask.numpy()[i]].mean() for i in range(2)]
     np.testing.assert_allclose(mean_flat(tensor, mask).numpy(), expected, rtol=1e-6)
     np.testing.assert_allclose(mean_flat(tensor).numpy(), tensor.numpy().reshape(2, -1).mean(1), rtol=1e-6)
+
+
+def test_v12_thresholds_are_not_truncated():
+    # 0.5 * 999 = 499.5: reached at t = 499.5 (v1.2 compares real numbers); v1.1's truncation to 499 would not be
+    conditioning = FrameConditioning(paddle.to_tensor([[0.5]]), 999, strict_model_mask=False)
+    _, x_mask, active = conditioning.begin_step(paddle.zeros([1, 1, 1, 1, 1]), paddle.to_tensor([499.5]), lambda x, t: x)
+    assert bool(active[0, 0]) and bool(x_mask[0, 0])
+
+
+def test_mean_flat_batch_axis_and_frames_without_any_selected():
+    tensor = paddle.to_tensor(np.arange(3 * 2 * 2, dtype="float32").reshape([3, 2, 2, 1, 1]))
+    np.testing.assert_allclose(mean_flat(tensor).numpy(), tensor.numpy().reshape(3, -1).mean(1), rtol=1e-6)
+    # a sample with no generated frame contributes 0, not NaN; one element per frame is averaged over itself
+    mask = paddle.to_tensor([[False, False], [True, False], [False, True]])
+    single = paddle.to_tensor(np.full([3, 1, 2, 1, 1], 5.0, dtype="float32"))
+    np.testing.assert_array_equal(mean_flat(single, mask).numpy(), [0.0, 5.0, 5.0])
