@@ -79,7 +79,8 @@ def make_mkl_reproducible():
     By default MKL splits a matrix product's reductions by thread and may use fewer threads than asked
     when the machine is busy, so the same command with the same seed gave frames that differed by 0.3-0.9
     grey levels between a 1- and a 2-thread run (0.0 with this set). Strict mode keeps the split fixed;
-    on this project's 2-core AMD EPYC it cost nothing measurable (benchmarks/bench_determinism.py).
+    benchmarks/bench_determinism.py measures what that costs (on this project's 2-core AMD EPYC, matmuls of
+    the yardstick's shapes ran within the noise of the default mode).
     Like MKL_DEBUG_CPU_TYPE it is read at MKL's first call, and a value the user set is kept (e.g.
     MKL_CBWR=AUTO for MKL's default, non-reproducible mode). Returns the value in effect.
     """
