@@ -24,6 +24,10 @@ def test_space_timesteps_forms():
     assert len(sections) == 45 and sections[0] == 0 and sections[-1] == 299
     with pytest.raises(ValueError):
         space_timesteps(10, "11")
+    # uneven sections (4, 3, 3 steps) and sections of one and two steps
+    assert space_timesteps(10, "2,2,2") == [0, 3, 4, 6, 7, 9]
+    assert space_timesteps(10, "1,2") == [0, 5, 9]
+    assert space_timesteps(10, "ddim10") == list(range(10))
 
 
 def test_q_sample_statistics():
@@ -114,6 +118,11 @@ def test_training_loss_is_finite_and_ignores_conditioning_frames():
     poisoned = diffusion.training_losses(Model(True), x, {}, mask=mask, t=t, noise=noise)
     assert np.isfinite(clean["loss"].numpy()).all() and clean["loss"].shape == [2]
     np.testing.assert_allclose(clean["loss"].numpy(), poisoned["loss"].numpy(), rtol=1e-6)
+    # at t = 0 the bound is the decoder likelihood, over generated frames too
+    t0 = paddle.to_tensor([0, 0])
+    clean = diffusion.training_losses(Model(False), x, {}, mask=mask, t=t0, noise=noise)
+    poisoned = diffusion.training_losses(Model(True), x, {}, mask=mask, t=t0, noise=noise)
+    np.testing.assert_allclose(clean["vb"].numpy(), poisoned["vb"].numpy(), rtol=1e-6)
     assert set(clean) == {"loss", "mse", "vb"}
 
 
@@ -287,9 +296,10 @@ def test_training_draws_timesteps_over_the_whole_process_and_noise_when_not_give
     assert loss["mse"].numpy().mean() / factor.mean() == pytest.approx(1.0, abs=0.2)
 
 
-@pytest.mark.parametrize("sigma_small", [True, False])
+@pytest.mark.parametrize("sigma_small", [True, False, None])
 def test_fixed_variances(sigma_small):
-    diffusion = IDDPM(num_sampling_steps=10, learn_sigma=False, sigma_small=sigma_small)
+    options = {} if sigma_small is None else dict(sigma_small=sigma_small)  # improved DDPM's default: the large one
+    diffusion = IDDPM(num_sampling_steps=10, learn_sigma=False, **options)
     betas, variance = posterior_variance_np(np.cumprod(1 - linear_betas(1000))[diffusion.timestep_map])
     x = paddle.zeros([1, 2, 1, 1, 1])
     for t in (0, 4):

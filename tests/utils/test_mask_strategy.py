@@ -33,8 +33,8 @@ def test_validation_names_the_group_and_the_frames():
 
 def test_groups_of_other_loops_are_skipped_not_stopping_at_them():
     z = paddle.zeros([2, 3, 4, 1, 1])  # batch 2, 3 channels: the mask is [batch, frames]
-    references = [[paddle.full([3, 2, 1, 1], 7.0)], []]
-    masks = apply_mask_strategy(z, references, ["1,0,0,0,1;0,0,1,2,1,0.5", None], loop_i=0)
-    np.testing.assert_array_equal(masks.numpy(), [[1, 1, 0.5, 1], [1, 1, 1, 1]])
+    references = [[], [paddle.full([3, 2, 1, 1], 7.0)]]
+    masks = apply_mask_strategy(z, references, [None, "1,0,0,0,1;0,0,1,2,1,0.5"], loop_i=0)
+    np.testing.assert_array_equal(masks.numpy(), [[1, 1, 1, 1], [1, 1, 0.5, 1]])
     assert masks.dtype == paddle.float32
-    np.testing.assert_array_equal(z.numpy()[0, :, :, 0, 0], [[0, 0, 7, 0]] * 3)
+    np.testing.assert_array_equal(z.numpy()[1, :, :, 0, 0], [[0, 0, 7, 0]] * 3)
