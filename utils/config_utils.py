@@ -156,6 +156,8 @@ def validate_args(args):
         raise UserError(f"--dtype {args.dtype!r} is not one of {sorted(DTYPES)}")
     if args.sampler not in ("iddpm", "rflow"):
         raise UserError(f"--sampler {args.sampler!r} is not supported; choose iddpm or rflow")
+    if args.sampler == "iddpm" and args.num_sampling_steps < 2:
+        raise UserError("--num-sampling-steps must be at least 2 with --sampler iddpm (its variance at t = 0 is clipped to the next step's)")
     for name in ("reference_path", "mask_strategy"):
         values = getattr(args, name)
         if values is not None and len(values) != len(args.prompt):

@@ -61,6 +61,7 @@ CASES = [
     ("huge size", ["--prompt", PROMPT, "--image-size", "64", "100000"], "between 1 and 4096"),
     ("zero frames", ["--prompt", PROMPT, "--num-frames", "0"], "--num-frames must be a positive integer"),
     ("unknown sampler", ["--prompt", PROMPT, "--sampler", "euler"], "invalid choice"),
+    ("one iddpm step", ["--prompt", PROMPT, "--sampler", "iddpm"], "at least 2 with --sampler iddpm"),
     ("empty prompt file", ["--prompt-path", "{bad}/prompts.txt"], "has no prompts"),
     ("missing model", ["--prompt", PROMPT, "--model-path", "{bad}/none"], "STDiT2 model directory not found"),
     ("wrong model type", ["--prompt", PROMPT, "--model-path", "{vae}"], "not an STDiT2 directory"),
