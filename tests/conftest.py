@@ -60,6 +60,17 @@ def write_tiny_models(root):
     return dict(stdit2=stdit_dir, vae=vae_dir, text_encoder=text_dir)
 
 
+@pytest.fixture(autouse=True)
+def numpy_bool_type():
+    """Importing ppdiffusers sets `np.bool = bool` (a numpy-1 shim), which makes numpy 2's own `assert_allclose`
+    fail on scalars ('bool' object has no attribute 'any'), so a test's outcome would depend on whether an
+    earlier test imported ppdiffusers. Every test starts with numpy's real scalar type."""
+    import numpy as np
+
+    np.bool = np.dtype(bool).type
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Paths of a tiny STDiT2 (with inference.json), VAE (8x down) and T5 encoder (width 16)."""
