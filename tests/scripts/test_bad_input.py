@@ -61,7 +61,7 @@ CASES = [
     ("huge size", ["--prompt", PROMPT, "--image-size", "64", "100000"], "between 1 and 4096"),
     ("zero frames", ["--prompt", PROMPT, "--num-frames", "0"], "--num-frames must be a positive integer"),
     ("unknown sampler", ["--prompt", PROMPT, "--sampler", "euler"], "invalid choice"),
-    ("one iddpm step", ["--prompt", PROMPT, "--sampler", "iddpm"], "at least 2 with --sampler iddpm"),
+    ("one iddpm step", ["--prompt", PROMPT, "--sampler", "iddpm", "--num-sampling-steps", "1"], "at least 2 with --sampler iddpm"),
     ("empty prompt file", ["--prompt-path", "{bad}/prompts.txt"], "has no prompts"),
     ("missing model", ["--prompt", PROMPT, "--model-path", "{bad}/none"], "STDiT2 model directory not found"),
     ("wrong model type", ["--prompt", PROMPT, "--model-path", "{vae}"], "not an STDiT2 directory"),
@@ -84,7 +84,7 @@ def test_inference_bad_input(name, argv, message, bad_files, tiny_models, tmp_pa
     if "--save-dir" not in argv:
         argv += ["--save-dir", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda a: run_inference(a, "test"), argv + ["--num-sampling-steps", "1", "--quiet"])
+        run_cli(lambda a: run_inference(a, "test"), ["--num-sampling-steps", "2", *argv, "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
