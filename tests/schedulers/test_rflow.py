@@ -222,3 +222,47 @@ def test_timestep_weights_scale_each_samples_loss():
     plain = flow.training_losses(RecordingVelocity(), x, {}, t=t, noise=noise)["loss"].numpy()
     weighted = flow.training_losses(RecordingVelocity(), x, {}, t=t, noise=noise, weights=weights)["loss"].numpy()
     np.testing.assert_allclose(weighted, plain * weights[[100, 900]], rtol=1e-5)
+
+
+def test_progress_bar_is_named_rflow_shown_by_default_and_cleared(text_encoder, make_fake_model, size_args, capsys):
+    flow = RFLOW(num_sampling_steps=3, cfg_scale=1.0)
+    z = paddle.ones([1, 2, 3, 1, 1])
+    flow.sample(make_fake_model(out_factor=1), text_encoder, z, ["abc"], size_args(1))
+    shown = capsys.readouterr().err
+    assert shown.startswith("\rrflow:") and "0/3" in shown
+    # leave=False: the bar is wiped at the end instead of leaving a finished line behind
+    assert shown.endswith("\r") and shown.rsplit("\r", 2)[-2].strip() == ""
+    flow.sample(make_fake_model(out_factor=1), text_encoder, z, ["abc"], size_args(1), progress=False)
+    assert capsys.readouterr().err == ""
+
+
+class CaptionEncodingModel(paddle.nn.Layer):
+    """A model that precomputes its caption keys/values: `forward` gets only what `encode_caption` returned."""
+
+    def forward(self, x, timestep, y=None, mask=None, x_mask=None, **size_args):
+        assert mask is None and isinstance(y, dict), "the sampler must pass the encoded caption, not the raw one"
+        return x * 0.5 + y["offset"].reshape([-1, 1, 1, 1, 1])
+
+    def encode_caption(self, y, mask):
+        assert mask.shape == [1, 3]  # the prompt's mask, once for the doubled batch
+        return {"offset": y.mean(axis=[1, 2, 3]) * 0.1}
+
+
+def test_models_with_encode_caption_get_their_encoded_captions(text_encoder, size_args):
+    flow = RFLOW(num_sampling_steps=2, cfg_scale=3.0)
+    out = flow.sample(CaptionEncodingModel(), text_encoder, paddle.ones([1, 2, 3, 1, 1]), ["abc"], size_args(1), progress=False)
+    expected = 1.0
+    for _ in range(2):  # caption offset 0.3 (conditional), 0 (null), guided by 3
+        expected = expected + 0.5 * (0.5 * expected + 3.0 * 0.3)
+    np.testing.assert_allclose(out.numpy().ravel(), np.full(6, expected), rtol=1e-5)
+
+
+def test_guidance_covers_every_latent_channel(text_encoder, make_fake_model, size_args):
+    # more channels than frames: guiding as many channels as there are frames would leave channels 1-3 unguided
+    flow = RFLOW(num_sampling_steps=2, cfg_scale=3.0)
+    z = paddle.ones([1, 4, 1, 2, 2])
+    out = flow.sample(make_fake_model(out_factor=2), text_encoder, z, ["abc"], size_args(1), progress=False)
+    expected = 1.0
+    for _ in range(2):
+        expected = expected + 0.5 * (0.5 * expected + 3.0 * 0.03)
+    np.testing.assert_allclose(out.numpy().ravel(), np.full(16, expected), rtol=1e-5)

@@ -77,6 +77,24 @@ def test_text_is_utf8_whatever_the_locale(tmp_path):
     assert (tmp_path / "c.json").read_bytes() == '{"caption": "café ✓"}'.encode("utf-8")
 
 
+def test_text_files_are_utf8_under_an_ascii_default_encoding(tmp_path, monkeypatch):
+    # In process (so mutation testing sees it): `open` without an encoding behaves as under the C locale.
+    import builtins
+
+    import utils.io
+
+    def c_locale_open(file, mode="r", *args, encoding=None, **kwargs):
+        if "b" not in mode and encoding is None:
+            encoding = "ascii"
+        return builtins.open(file, mode, *args, encoding=encoding, **kwargs)
+
+    monkeypatch.setattr(utils.io, "open", c_locale_open, raising=False)
+    path = tmp_path / "caption.json"
+    write_text_atomic(str(path), '{"caption": "café ✓"}')
+    assert path.read_bytes() == '{"caption": "café ✓"}'.encode("utf-8")
+    assert read_json_object(str(path), "caption file") == {"caption": "café ✓"}
+
+
 def test_interrupted_block_keeps_the_old_file_and_the_old_directory(tmp_path):
     file_path, dir_path = tmp_path / "weights.bin", tmp_path / "model"
     file_path.write_bytes(b"complete")
@@ -162,8 +180,11 @@ def test_ensure_writable_dir_creates_or_explains(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match=r"^--save-dir .*file/out: cannot create it \(.*\); choose a writable directory$"):
         ensure_writable_dir(str(tmp_path / "file" / "out"), "--save-dir")
-    if os.geteuid() != 0:  # root may write anywhere
-        locked = tmp_path / "locked"
-        locked.mkdir(mode=0o500)
-        with pytest.raises(UserError, match="not writable"):
+    # os.access stands in for a read-only directory: root, which runs CI, may write anywhere
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "access", lambda path, mode: False if path == str(locked) else real_access(path, mode))
+        with pytest.raises(UserError, match=r"^--save-dir .*locked: not writable; choose a writable directory$"):
             ensure_writable_dir(str(locked), "--save-dir")
