@@ -2,10 +2,10 @@
 sampling (per step, and the share spent outside model forwards), VAE decoding and video writing.
 
     python benchmarks/bench_inference.py                       # the shipped model at its native size
-    python benchmarks/bench_inference.py --repeats 5 -- --num-frames 16 --image-size 256 256
+    python benchmarks/bench_inference.py --repeats 5 --num-frames 16 --height 256 --width 256
 
-Arguments after `--` are passed to the inference command line (scripts/inference.py flags). Each figure
-is the median of --repeats runs; the table goes to stdout and the JSON to benchmarks/results/.
+Generation runs through `OpenSoraPipeline`, as a Python user would call it. Each figure is the median of
+--repeats runs; the table goes to stdout and the JSON to benchmarks/results/.
 """
 
 import argparse
@@ -15,7 +15,6 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,95 +36,83 @@ def median(values):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model-dir", default=os.path.join(REPO, "assets", "default_model"), help="pipeline directory")
     parser.add_argument("--prompt", default="a red circle moving right on a dark background")
+    parser.add_argument("--num-frames", type=int, help="default: the model's")
+    parser.add_argument("--height", type=int, help="default: the model's")
+    parser.add_argument("--width", type=int, help="default: the model's")
+    parser.add_argument("--num-inference-steps", type=int, help="default: the model's")
     parser.add_argument("--with-reference", action="store_true", help="also condition on assets/images/condition/wave.png")
     parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "bench_inference.json"))
-    parser.add_argument("inference_args", nargs="*", help="extra scripts/inference.py flags (after --)")
     args = parser.parse_args()
 
     baseline_import = median([import_seconds("import paddle, ppdiffusers") for _ in range(args.repeats)])
-    script_import = median([import_seconds("import utils.generation, models.stdit.stdit2, schedulers.rflow, paddlenlp.transformers") for _ in range(args.repeats)])
+    project_import = median([import_seconds("import pipelines") for _ in range(args.repeats)])
 
-    import numpy as np
     import paddle
 
-    from utils.config_utils import parse_args
-    from utils.generation import generate_videos, load_pipeline, output_path, plan_jobs
-    from utils.inference_utils import collect_references, save_sample
+    from pipelines import Conditions, OpenSoraPipeline
     from utils.io import write_text_atomic
-    from utils.runtime import configure_cpu_runtime
+    from utils.media import save_video
+    from utils.runtime import configure_cpu_threads
 
-    threads = configure_cpu_runtime()
-    prompt = args.prompt
-    if args.with_reference:
-        prompt += json.dumps({"reference_path": os.path.join(REPO, "assets/images/condition/wave.png"), "mask_strategy": "0"})
-    save_dir = tempfile.mkdtemp(prefix="bench_inference_")
-    gen_args = parse_args(["--prompt", prompt, "--quiet", "--save-dir", save_dir, *args.inference_args], "bench")
-
+    conditions = Conditions.image_to_video(os.path.join(REPO, "assets/images/condition/wave.png")) if args.with_reference else None
+    call = dict(num_frames=args.num_frames, height=args.height, width=args.width,
+                num_inference_steps=args.num_inference_steps, conditions=conditions, seed=0)
     runs = []
     for _ in range(args.repeats):
         timings = {}
         start = time.perf_counter()
-        pipeline = load_pipeline(gen_args)
+        pipe = OpenSoraPipeline.from_pretrained(args.model_dir)
+        pipe.set_progress_bar_config(disable=True)
         timings["model_loading"] = time.perf_counter() - start
 
+        # Time each stage inside one real generation by wrapping the calls the pipeline makes.
+        stage_seconds = {"text_encoding": [], "reference_encoding": [], "model_forward": [], "vae_decode": []}
+
+        def timed(name, function):
+            def wrapper(*a, **k):
+                t0 = time.perf_counter()
+                out = function(*a, **k)
+                stage_seconds[name].append(time.perf_counter() - t0)
+                return out
+            return wrapper
+
+        originals = pipe.text_encoder.forward, pipe.encode_references, pipe.transformer.forward, pipe.vae.decode
+        pipe.text_encoder.forward = timed("text_encoding", originals[0])
+        pipe.encode_references = timed("reference_encoding", originals[1])
+        pipe.transformer.forward = timed("model_forward", originals[2])
+        pipe.vae.decode = timed("vae_decode", originals[3])
         start = time.perf_counter()
-        with paddle.no_grad():
-            pipeline.text_encoder.encode([prompt.split("{")[0]])
-        timings["text_encoding"] = time.perf_counter() - start
-
-        jobs = plan_jobs(gen_args)
-        start = time.perf_counter()
-        collect_references([job.reference_path for job in jobs], pipeline.vae, gen_args.image_size)
-        timings["reference_encoding"] = time.perf_counter() - start
-
-        # Time the model forwards and the VAE decode inside one real generation.
-        forward_seconds, decode_seconds = [], []
-        model_forward, vae_decode = pipeline.model.forward, pipeline.vae.decode
-
-        def timed_forward(*a, **k):
-            t0 = time.perf_counter()
-            out = model_forward(*a, **k)
-            forward_seconds.append(time.perf_counter() - t0)
-            return out
-
-        def timed_decode(*a, **k):
-            t0 = time.perf_counter()
-            out = vae_decode(*a, **k)
-            decode_seconds.append(time.perf_counter() - t0)
-            return out
-
-        pipeline.model.forward, pipeline.vae.decode = timed_forward, timed_decode
-        start = time.perf_counter()
-        job, sample_k, video = next(generate_videos(gen_args, jobs, pipeline))
+        output = pipe(args.prompt, **call)
         generation = time.perf_counter() - start
-        pipeline.model.forward, pipeline.vae.decode = model_forward, vae_decode
+        pipe.text_encoder.forward, pipe.encode_references, pipe.transformer.forward, pipe.vae.decode = originals
 
         start = time.perf_counter()
-        save_sample(video, fps=gen_args.fps // gen_args.frame_interval, save_path=output_path(gen_args, job, sample_k), overwrite=True)
+        save_video(output.frames[0], output.fps, os.path.join(REPO, "benchmarks", "results", ".bench_inference_sample"), overwrite=True)
         timings["video_writing"] = time.perf_counter() - start
+        os.remove(os.path.join(REPO, "benchmarks", "results", ".bench_inference_sample.mp4"))
 
-        sampling = generation - sum(decode_seconds) - timings["reference_encoding"]
-        timings["vae_decode"] = sum(decode_seconds)
+        timings.update({name: sum(values) for name, values in stage_seconds.items() if name != "model_forward"})
+        sampling = generation - timings["text_encoding"] - timings["reference_encoding"] - timings["vae_decode"]
         timings["sampling"] = sampling
-        timings["sampling_per_step"] = sampling / len(forward_seconds)
-        timings["model_forward_total"] = sum(forward_seconds)
-        timings["sampling_overhead_share"] = max(0.0, sampling - sum(forward_seconds)) / sampling
+        timings["sampling_per_step"] = sampling / pipe.num_timesteps
+        timings["model_forward_total"] = sum(stage_seconds["model_forward"])
+        timings["sampling_overhead_share"] = max(0.0, sampling - timings["model_forward_total"]) / sampling
         runs.append(timings)
 
     result = {key: median([run[key] for run in runs]) for key in runs[0]}
     result["import_paddle_ppdiffusers"] = baseline_import
-    result["import_project"] = script_import
-    result["end_to_end_estimate"] = script_import + sum(result[k] for k in ("model_loading", "text_encoding", "reference_encoding", "sampling", "vae_decode", "video_writing"))
-    machine = dict(platform=platform.platform(), cpus=len(os.sched_getaffinity(0)), threads=threads, paddle=paddle.__version__)
-    settings = dict(num_frames=gen_args.num_frames, image_size=gen_args.image_size, sampler=gen_args.sampler,
-                    steps=gen_args.num_sampling_steps, model=os.path.relpath(gen_args.model_path, REPO), reference=args.with_reference)
+    result["import_project"] = project_import
+    result["end_to_end_estimate"] = project_import + sum(result[k] for k in ("model_loading", "text_encoding", "reference_encoding", "sampling", "vae_decode", "video_writing"))
+    machine = dict(platform=platform.platform(), cpus=len(os.sched_getaffinity(0)), threads=configure_cpu_threads(), paddle=paddle.__version__)
+    settings = dict(**{k: v for k, v in call.items() if k != "conditions"}, steps_taken=pipe.num_timesteps,
+                    model=os.path.relpath(args.model_dir, REPO), reference=args.with_reference, defaults=pipe.default_size)
     for key, value in result.items():
         unit = "" if key.endswith("share") else " s"
         print(f"{key:<28}{value:>10.3f}{unit}")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; settings {settings}; machine {machine}")
     write_text_atomic(args.output, json.dumps(dict(machine=machine, settings=settings, repeats=args.repeats, median=result, runs=runs), indent=2) + "\n")
-    np.asarray(video)  # keep the last video alive until here for the RSS figure
     print(f"wrote {args.output}")
 
 

@@ -27,7 +27,7 @@ def measure(vae_path, frames, height, width, micro_batch_size):
     from utils.runtime import configure_cpu_runtime
 
     configure_cpu_runtime()
-    vae = VideoAutoencoderKL(vae_path, micro_batch_size=micro_batch_size or None)
+    vae = VideoAutoencoderKL.from_pretrained(vae_path, micro_batch_size=micro_batch_size or None)
     latents = paddle.randn([1, vae.out_channels, frames, height // vae.patch_size[1], width // vae.patch_size[2]])
     # warm up kernels on one frame, so the baseline includes allocator pools that do not grow with T
     vae.decode(latents[:, :, :1])

@@ -16,10 +16,9 @@ import paddle
 from PIL import Image
 
 from utils.errors import UserError
+from utils.media import IMAGE_FPS, is_image, read_video_frames, resize_crop
 
 REQUIRED_COLUMNS = ("path", "text", "num_frames", "height", "width")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-IMG_FPS = 120  # the fps condition of single images, as in the original
 DEFAULT_FPS = 24  # used when a CSV has no fps column, as the original assumes
 TRANSFORMS = ("resize_crop", "center")
 
@@ -65,49 +64,6 @@ def parse_row(row, base, where):
     return parsed
 
 
-def is_image(path):
-    return path.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def resize_crop(frame, height, width, transform_name="resize_crop"):
-    """PIL image -> uint8 array [height, width, 3]: scale so it covers the target, then centre-crop.
-
-    "center" crops the centre at native resolution and only scales up when the frame is too small.
-    """
-    scale = max(height / frame.height, width / frame.width)
-    if transform_name == "center":
-        scale = max(scale, 1.0)
-    if scale != 1.0:
-        size = (max(width, round(frame.width * scale)), max(height, round(frame.height * scale)))
-        frame = frame.resize(size, Image.BICUBIC)
-    left, top = (frame.width - width) // 2, (frame.height - height) // 2
-    return np.asarray(frame.crop((left, top, left + width, top + height)).convert("RGB"))
-
-
-def read_video_frames(path, frame_indices):
-    """Decode only the frames at the (sorted) indices; seeks to the keyframe before the first one when the
-    stream gives timestamps. Returns PIL images."""
-    wanted = set(frame_indices)
-    last = max(frame_indices)
-    frames = {}
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        rate = float(stream.average_rate or 0)
-        use_time = rate > 0 and stream.time_base is not None
-        if use_time and min(frame_indices) > 0:
-            container.seek(int(min(frame_indices) / rate / stream.time_base), stream=stream, backward=True)
-        for position, frame in enumerate(container.decode(stream)):
-            index = round(frame.time * rate) if use_time and frame.time is not None else position
-            if index in wanted:
-                frames[index] = frame.to_image()
-            if index >= last:
-                break
-    missing = [i for i in frame_indices if i not in frames]
-    if missing:
-        raise ValueError(f"frames {missing[:3]} could not be decoded")
-    return [frames[i] for i in frame_indices]
-
-
 class VariableVideoTextDataset(paddle.io.Dataset):
     """Meta-CSV clips at a fixed size, or at a per-batch size chosen by the bucket sampler.
 
@@ -141,7 +97,7 @@ class VariableVideoTextDataset(paddle.io.Dataset):
         if is_image(row["path"]):
             with Image.open(row["path"]) as image:
                 frames = [image.convert("RGB")]
-            fps = IMG_FPS
+            fps = IMAGE_FPS
         else:
             span = (num_frames - 1) * self.frame_interval + 1
             if row["num_frames"] < span:

@@ -4,13 +4,11 @@ import csv
 import os
 
 import av
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
-from dataset.datasets import IMAGE_EXTENSIONS
 from utils.errors import UserError
 from utils.io import atomic_path
-
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+from utils.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, probe
 META_COLUMNS = ("path", "text", "num_frames", "height", "width", "fps", "aspect_ratio")
 
 
@@ -23,22 +21,6 @@ def read_captions(captions_path):
         if not {"path", "text"} <= set(reader.fieldnames or []):
             raise UserError(f"--captions {captions_path}: needs the columns path,text (path relative to --video-dir)")
         return {os.path.normpath(row["path"]): row["text"] for row in reader}
-
-
-def probe(path):
-    """(num_frames, height, width, fps) of a video or image file; raises on unreadable files."""
-    if path.lower().endswith(IMAGE_EXTENSIONS):
-        with Image.open(path) as image:
-            image.verify()
-            width, height = image.size
-        return 1, height, width, 120.0
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        fps = float(stream.average_rate or 0) or 24.0
-        num_frames = stream.frames or sum(1 for _ in container.decode(stream))
-        if num_frames == 0:
-            raise ValueError("no frames")
-        return num_frames, stream.codec_context.height, stream.codec_context.width, fps
 
 
 def build_meta(video_dir, captions_path=None):

@@ -82,14 +82,14 @@ def main(argv):
     from models.vae.vae import VideoAutoencoderKL
     from schedulers.rflow import RFLOW
     from trainer.trainer import size_conditions
-    from utils.config_utils import DEFAULT_MODEL_DIR, sampling_defaults
+    from pipelines.open_sora.settings import DEFAULT_MODEL_DIR, OPEN_SORA_DEFAULTS, read_model_defaults, transformer_dir
     from utils.errors import UserError
     from utils.io import write_text_atomic
     from utils.runtime import configure_cpu_runtime
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-path", required=True, help="meta CSV of toy-world clips (scripts/make_synthetic_data.py)")
-    parser.add_argument("--model-path", default=os.path.join(DEFAULT_MODEL_DIR, "stdit2"))
+    parser.add_argument("--model-path", default=DEFAULT_MODEL_DIR, help="STDiT2 or pipeline directory")
     parser.add_argument("--vae-path", default=os.path.join(DEFAULT_MODEL_DIR, "vae"))
     parser.add_argument("--text-encoder-path", default=os.path.join(DEFAULT_MODEL_DIR, "text_encoder"))
     parser.add_argument("--num-clips", type=int, default=48, help="clips spread evenly over the CSV")
@@ -100,7 +100,7 @@ def main(argv):
         raise UserError(f"--num-clips {args.num_clips}: must be positive")
     configure_cpu_runtime()
 
-    defaults = sampling_defaults(args.model_path)
+    defaults = {**OPEN_SORA_DEFAULTS, **read_model_defaults(args.model_path)}
     if defaults["sampler"] != "rflow":
         raise UserError(
             f"{args.model_path}: not a rectified-flow model (its sampler is {defaults['sampler']!r}); "
@@ -112,10 +112,10 @@ def main(argv):
     indices = np.linspace(0, len(dataset) - 1, min(args.num_clips, len(dataset))).round().astype(int)
     samples = [dataset[int(i)] for i in indices]
 
-    vae = VideoAutoencoderKL(args.vae_path)
-    model = STDiT2.from_pretrained(args.model_path)
+    vae = VideoAutoencoderKL.from_pretrained(args.vae_path)
+    model = STDiT2.from_pretrained(transformer_dir(args.model_path))
     model.eval()
-    text_encoder = T5Encoder(args.text_encoder_path, model_max_length=model.config.model_max_length)
+    text_encoder = T5Encoder.from_pretrained(args.text_encoder_path, model_max_length=model.config.model_max_length)
     mean, _ = vae.posterior(paddle.to_tensor(np.stack([s["video"] for s in samples])))
     latents = mean * vae.scaling_factor
     batch = {key: [s[key] for s in samples] for key in ("num_frames", "height", "width", "ar", "fps")}

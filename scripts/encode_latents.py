@@ -40,7 +40,7 @@ def main(argv):
         args.data_path, frame_interval=args.frame_interval, num_frames=args.num_frames,
         image_size=tuple(args.image_size), random_start=False,
     )
-    vae = VideoAutoencoderKL(args.vae_path)
+    vae = VideoAutoencoderKL.from_pretrained(args.vae_path)
     csv_path = encode_dataset(dataset, vae, args.output_dir, os.path.join(args.output_dir, "latents.csv"), args.batch_size)
     print(csv_path)
 

@@ -30,24 +30,20 @@ EDIT_RATIOS = (0.2, 0.5, 0.8)
 def main(argv):
     import argparse
     import json
-    import tempfile
 
+    import paddle
     from PIL import Image
 
     from dataset import synthetic
+    from pipelines import Conditions, OpenSoraPipeline
+    from pipelines.open_sora.settings import DEFAULT_MODEL_DIR
     from utils import evaluation
-    from utils.config_utils import parse_args
     from utils.errors import UserError
-    from utils.generation import generate_videos, load_pipeline, plan_jobs
-    from utils.inference_utils import read_from_path
     from utils.io import atomic_path, write_text_atomic
-    from utils.runtime import configure_cpu_runtime
+    from utils.runtime import quiet_library_logs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", help="folder holding stdit2/, vae/ and text_encoder/ (default: the shipped model)")
-    parser.add_argument("--model-path", help="STDiT2 directory (default: the shipped model)")
-    parser.add_argument("--vae-path")
-    parser.add_argument("--text-encoder-path")
+    parser.add_argument("--model-dir", default=DEFAULT_MODEL_DIR, help="pipeline directory (default: the shipped model)")
     parser.add_argument("--num-prompts", type=int, default=24, help="prompts per text-to-video group and clips per conditioning task")
     parser.add_argument("--num-sampling-steps", type=int, help="default: what the model was trained with")
     parser.add_argument(
@@ -59,35 +55,29 @@ def main(argv):
     parser.add_argument("--strips-dir", help="also save one PNG strip (every other frame) of the first video of each task here")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    if args.num_prompts < 1:
-        raise UserError(f"--num-prompts must be a positive integer, got {args.num_prompts}")
-    if args.model_dir is not None:
-        if any(getattr(args, flag) is not None for flag in ("model_path", "vae_path", "text_encoder_path")):
-            raise UserError("--model-dir names all three parts; leave out --model-path, --vae-path and --text-encoder-path")
-        args.model_path, args.vae_path, args.text_encoder_path = (
-            os.path.join(args.model_dir, part) for part in ("stdit2", "vae", "text_encoder")
-        )
-    configure_cpu_runtime()
+    if args.num_prompts < 1 or args.batch_size < 1:
+        raise UserError(f"--num-prompts {args.num_prompts} --batch-size {args.batch_size}: both must be positive")
+    quiet_library_logs()
+    pipe = OpenSoraPipeline.from_pretrained(args.model_dir)
+    pipe.set_progress_bar_config(disable=args.quiet, leave=False)
+    num_frames, height, width = (pipe.default_size[key] for key in ("num_frames", "height", "width"))
 
-    base_argv = ["--batch-size", str(args.batch_size), "--quiet"]
-    for flag in ("model_path", "vae_path", "text_encoder_path", "num_sampling_steps"):
-        if getattr(args, flag) is not None:
-            base_argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    settings = parse_args(base_argv + ["--prompt", "probe"], "evaluate")
-    pipeline = load_pipeline(settings)
-    num_frames, (height, width) = settings.num_frames, settings.image_size
+    def generate(prompts, conditions=None, seed=args.seeds[0]):
+        """Float frames [T, H, W, 3] in [0, 255] per prompt; batch b is seeded with seed + its first index, as
+        scripts/inference.py seeds its batches."""
+        conditions = conditions or [None] * len(prompts)
+        videos = []
+        for start in range(0, len(prompts), args.batch_size):
+            output = pipe(prompts[start : start + args.batch_size], conditions=conditions[start : start + args.batch_size],
+                          num_inference_steps=args.num_sampling_steps, seed=seed + start)
+            videos += list(output.frames.astype(np.float32))
+        return videos
 
-    def generate(prompts, seed=args.seeds[0]):
-        gen_args = parse_args(base_argv + ["--seed", str(seed), "--prompt", *prompts], "evaluate")
-        return [evaluation.to_frames(video) for _, _, video in generate_videos(gen_args, plan_jobs(gen_args), pipeline)]
-
-    def reconstruct(path):
-        """The VAE's reconstruction (posterior mean) of a reference, as frames in [0, 255]."""
-        import paddle
-
-        x = paddle.to_tensor(read_from_path(path, (height, width)))[None]
-        latents = pipeline.vae.encode(x, sample_posterior=False)
-        return evaluation.to_frames(pipeline.vae.decode(latents)[0].numpy())
+    def reconstruct(frames):
+        """The VAE's reconstruction (posterior mean) of uint8 frames [T, H, W, 3], as frames in [0, 255]."""
+        x = paddle.to_tensor(frames.transpose(3, 0, 1, 2)[None].astype(np.float32) / 127.5 - 1.0)
+        latents = pipe.vae.encode(x, sample_posterior=False)
+        return evaluation.to_frames(pipe.vae.decode(latents)[0].numpy())
 
     def random_clip(rng, combination, templates=synthetic.CAPTION_TEMPLATES[:1], verbs=("moving",)):
         """A clip's random parameters and its caption in one of `templates` with one of `verbs`."""
@@ -103,7 +93,7 @@ def main(argv):
         strip = np.concatenate(list(video[::2].clip(0, 255).astype(np.uint8)), axis=1)
         with atomic_path(os.path.join(args.strips_dir, f"{name}.png")) as tmp:
             Image.fromarray(strip).save(tmp, format="PNG")
-        captions[name] = caption_text.split("{")[0]  # the text, without the temporary reference paths
+        captions[name] = caption_text
 
     captions = {}
     # ---- text to video: colour and direction, strict and lenient, per prompt set, group and prompt length
@@ -144,86 +134,57 @@ def main(argv):
             )
     results["t2v_samples"] = per_set
 
-    with tempfile.TemporaryDirectory() as workdir:
-        rng = np.random.default_rng([args.seeds[0], 1])
-        seen = synthetic.seen_combinations()
-        clips = [random_clip(rng, seen[i]) for i in rng.permutation(len(seen))[: args.num_prompts]]
-        rendered = [synthetic.render_clip(clip, num_frames, height, width) for clip, _ in clips]
+    rng = np.random.default_rng([args.seeds[0], 1])
+    seen = synthetic.seen_combinations()
+    clips = [random_clip(rng, seen[i]) for i in rng.permutation(len(seen))[: args.num_prompts]]
+    texts = [text for _, text in clips]
+    rendered = [synthetic.render_clip(clip, num_frames, height, width) for clip, _ in clips]
 
-        def write_png(frame, name):
-            path = os.path.join(workdir, name)
-            Image.fromarray(frame).save(path)
-            return path
+    # ---- image condition: frame 0 given
+    videos = generate(texts, [Conditions.image_to_video(frames[0]) for frames in rendered])
+    save_strip("image_condition", videos[0], texts[0])
+    recon = [reconstruct(frames[:1])[0] for frames in rendered]
+    # The start position says nothing about the direction (see synthetic.sample_clip): the caption decides it.
+    follows = [evaluation.direction_matches(v, clip["direction"]) for v, (clip, _) in zip(videos, clips)]
+    lenient = [evaluation.motion_direction(v) for v in videos]
+    results["image_condition"] = dict(
+        psnr_conditioned_frame=float(np.mean([evaluation.psnr(v[0], r) for v, r in zip(videos, recon)])),
+        psnr_next_frame=float(np.mean([evaluation.psnr(v[1], r) for v, r in zip(videos, recon)])),
+        # Against the given frame itself: a VAE that shifts colours still scores high against its own output.
+        psnr_conditioned_frame_vs_reference=float(np.mean([evaluation.psnr(v[0], f[0]) for v, f in zip(videos, rendered)])),
+        direction_accuracy=float(np.mean(follows)),
+        lenient_direction_accuracy=float(np.mean([d == clip["direction"] for d, (clip, _) in zip(lenient, clips)])),
+        samples=[dict(prompt=text, direction_correct=f, lenient_direction=d) for f, d, text in zip(follows, lenient, texts)],
+    )
 
-        def write_mp4(frames, name):
-            path = os.path.join(workdir, name)
-            with atomic_path(path) as tmp:
-                with open(tmp, "wb") as f:
-                    f.write(synthetic.encode_mp4(frames, settings.fps))
-            return path
+    # ---- connect: first and last frames given
+    videos = generate(texts, [Conditions.connect(frames[0], frames[-1]) for frames in rendered])
+    save_strip("connect", videos[0], texts[0])
+    results["connect"] = dict(
+        psnr_first_frame=float(np.mean([evaluation.psnr(v[0], reconstruct(f[:1])[0]) for v, f in zip(videos, rendered)])),
+        psnr_last_frame=float(np.mean([evaluation.psnr(v[-1], reconstruct(f[-1:])[0]) for v, f in zip(videos, rendered)])),
+        psnr_first_frame_vs_reference=float(np.mean([evaluation.psnr(v[0], f[0]) for v, f in zip(videos, rendered)])),
+        psnr_last_frame_vs_reference=float(np.mean([evaluation.psnr(v[-1], f[-1]) for v, f in zip(videos, rendered)])),
+    )
 
-        # ---- image condition: frame 0 given
-        prompts, refs = [], []
-        for i, ((_, text), frames) in enumerate(zip(clips, rendered)):
-            refs.append(write_png(frames[0], f"first{i}.png"))
-            prompts.append(text + json.dumps({"reference_path": refs[-1], "mask_strategy": "0"}))
-        videos = generate(prompts)
-        save_strip("image_condition", videos[0], prompts[0])
-        recon = [reconstruct(path)[0] for path in refs]
-        # The start position says nothing about the direction (see synthetic.sample_clip): the caption decides it.
-        follows = [evaluation.direction_matches(v, clip["direction"]) for v, (clip, _) in zip(videos, clips)]
-        lenient = [evaluation.motion_direction(v) for v in videos]
-        results["image_condition"] = dict(
-            psnr_conditioned_frame=float(np.mean([evaluation.psnr(v[0], r) for v, r in zip(videos, recon)])),
-            psnr_next_frame=float(np.mean([evaluation.psnr(v[1], r) for v, r in zip(videos, recon)])),
-            # Against the given frame itself: a VAE that shifts colours still scores high against its own output.
-            psnr_conditioned_frame_vs_reference=float(np.mean([evaluation.psnr(v[0], f[0]) for v, f in zip(videos, rendered)])),
-            direction_accuracy=float(np.mean(follows)),
-            lenient_direction_accuracy=float(np.mean([d == clip["direction"] for d, (clip, _) in zip(lenient, clips)])),
-            samples=[
-                dict(prompt=text, direction_correct=f, lenient_direction=d) for f, d, (_, text) in zip(follows, lenient, clips)
-            ],
-        )
+    # ---- extend: the second half of a video becomes the first half of the new clip, which continues it
+    given = num_frames // 2
+    videos = generate(texts, [Conditions.extend(frames, num_frames=given) for frames in rendered])
+    save_strip("extend", videos[0], texts[0])
+    results["extend"] = dict(
+        conditioned_frames=given,
+        psnr_conditioned_frames=float(np.mean([evaluation.psnr(v[:given], reconstruct(f)[-given:]) for v, f in zip(videos, rendered)])),
+        psnr_conditioned_frames_vs_reference=float(np.mean([evaluation.psnr(v[:given], f[-given:]) for v, f in zip(videos, rendered)])),
+    )
 
-        # ---- connect: first and last frames given
-        prompts, pairs = [], []
-        for i, ((_, text), frames) in enumerate(zip(clips, rendered)):
-            pair = (write_png(frames[0], f"a{i}.png"), write_png(frames[-1], f"b{i}.png"))
-            pairs.append(pair)
-            prompts.append(text + json.dumps({"reference_path": ";".join(pair), "mask_strategy": "0;0,1,0,-1,1"}))
-        videos = generate(prompts)
-        save_strip("connect", videos[0], prompts[0])
-        results["connect"] = dict(
-            psnr_first_frame=float(np.mean([evaluation.psnr(v[0], reconstruct(p[0])[0]) for v, p in zip(videos, pairs)])),
-            psnr_last_frame=float(np.mean([evaluation.psnr(v[-1], reconstruct(p[1])[0]) for v, p in zip(videos, pairs)])),
-            psnr_first_frame_vs_reference=float(np.mean([evaluation.psnr(v[0], f[0]) for v, f in zip(videos, rendered)])),
-            psnr_last_frame_vs_reference=float(np.mean([evaluation.psnr(v[-1], f[-1]) for v, f in zip(videos, rendered)])),
-        )
-
-        # ---- extend: the second half of a video becomes the first half of the new clip
-        given = num_frames // 2
-        prompts, sources = [], []
-        for i, ((_, text), frames) in enumerate(zip(clips, rendered)):
-            sources.append(write_mp4(frames, f"video{i}.mp4"))
-            # the reference's last `given` frames open the new clip, which continues them
-            prompts.append(text + json.dumps({"reference_path": sources[-1], "mask_strategy": f"0,0,-{given},0,{given}"}))
-        videos = generate(prompts)
-        save_strip("extend", videos[0], prompts[0])
-        results["extend"] = dict(
-            conditioned_frames=given,
-            psnr_conditioned_frames=float(np.mean([evaluation.psnr(v[:given], reconstruct(s)[-given:]) for v, s in zip(videos, sources)])),
-            psnr_conditioned_frames_vs_reference=float(np.mean([evaluation.psnr(v[:given], f[-given:]) for v, f in zip(videos, rendered)])),
-        )
-
-        # ---- edit: all frames given, re-noised to the edit ratio
-        changes = {}
-        for ratio in EDIT_RATIOS:
-            prompts = [text + json.dumps({"reference_path": s, "mask_strategy": f"0,0,0,0,{num_frames},{ratio}"}) for (_, text), s in zip(clips, sources)]
-            videos = generate(prompts)
-            save_strip(f"edit_{ratio}", videos[0], prompts[0])
-            changes[str(ratio)] = float(np.mean([evaluation.mean_abs_change(v, reconstruct(s)) for v, s in zip(videos, sources)]))
-        values = [changes[str(r)] for r in EDIT_RATIOS]
-        results["edit"] = dict(mean_abs_change=changes, increases_with_ratio=bool(np.all(np.diff(values) > 0)))
+    # ---- edit: all frames given, re-noised to the edit ratio
+    changes = {}
+    for ratio in EDIT_RATIOS:
+        videos = generate(texts, [Conditions.edit(frames, edit_ratio=ratio) for frames in rendered])
+        save_strip(f"edit_{ratio}", videos[0], texts[0])
+        changes[str(ratio)] = float(np.mean([evaluation.mean_abs_change(v, reconstruct(f)) for v, f in zip(videos, rendered)]))
+    values = [changes[str(r)] for r in EDIT_RATIOS]
+    results["edit"] = dict(mean_abs_change=changes, increases_with_ratio=bool(np.all(np.diff(values) > 0)))
 
     print_table(results)
     if args.strips_dir:

@@ -18,7 +18,7 @@ from utils.errors import run_cli  # noqa: E402
 
 
 def main(argv):
-    from utils.generation import run_inference
+    from pipelines.open_sora.cli import run_inference
 
     run_inference(argv, description=__doc__.strip().splitlines()[0])
 

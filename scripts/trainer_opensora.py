@@ -109,7 +109,7 @@ def main(argv):
     set_seed(training_args.seed)
 
     # ---- frozen encoders and the STDiT2 to train
-    vae = VideoAutoencoderKL(model_args.vae_path, micro_batch_size=model_args.vae_micro_batch_size or None)
+    vae = VideoAutoencoderKL.from_pretrained(model_args.vae_path, micro_batch_size=model_args.vae_micro_batch_size or None)
     if model_args.model_config:
         config.gradient_checkpointing = model_args.gradient_checkpointing
         config.freeze = model_args.freeze
@@ -120,7 +120,7 @@ def main(argv):
             gradient_checkpointing=model_args.gradient_checkpointing,
             freeze=model_args.freeze,
         )
-    text_encoder = T5Encoder(model_args.text_encoder_path, model_max_length=config.model_max_length)
+    text_encoder = T5Encoder.from_pretrained(model_args.text_encoder_path, model_max_length=config.model_max_length)
     scheduler = build_training_scheduler(settings, model_args.rflow_sample_method, vae)
 
     ema = ExponentialMovingAverage(model, model_args.ema_decay) if model_args.ema_decay > 0 else None

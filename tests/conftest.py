@@ -28,6 +28,7 @@ def train_tiny_sentencepiece(path):
 
 
 def write_tiny_models(root):
+    import numpy as np
     import paddle
     from paddlenlp.transformers import T5Config, T5EncoderModel, T5Tokenizer
     from ppdiffusers import AutoencoderKL
@@ -53,7 +54,14 @@ def write_tiny_models(root):
         input_sq_size=64, hidden_size=24, depth=1, num_heads=2, mlp_ratio=2.0, caption_channels=16,
         model_max_length=TINY_TEXT_TOKENS, pred_sigma=False, qk_norm=True,
     )
-    STDiT2(config).save_pretrained(stdit_dir)
+    # As initialised (zero final layer and output projections, as in the original) the model predicts exactly
+    # zero whatever its input, so a sampler that dropped the caption or the conditioning would go unnoticed.
+    stdit2 = STDiT2(config)
+    rng = np.random.default_rng(0)
+    for param in stdit2.parameters():
+        if not param.numpy().any():
+            param.set_value(rng.normal(0.0, 0.2, param.shape).astype("float32"))
+    stdit2.save_pretrained(stdit_dir)
     defaults = dict(num_frames=4, image_size=[64, 64], fps=8, frame_interval=1, sampler="rflow", num_sampling_steps=2, cfg_scale=4.0)
     with open(os.path.join(stdit_dir, "inference.json"), "w") as f:
         json.dump(defaults, f)
@@ -73,7 +81,7 @@ def numpy_bool_type():
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """Paths of a tiny STDiT2 (with inference.json), VAE (8x down) and T5 encoder (width 16)."""
+    """Paths of a tiny STDiT2 (with inference.json and no zero weights), VAE (8x down) and T5 encoder (width 16)."""
     return write_tiny_models(str(tmp_path_factory.mktemp("tiny_models")))
 
 

@@ -8,7 +8,7 @@ from paddlenlp.utils.log import logger
 
 from models.stdit.stdit2 import STDiT2Config
 from schedulers.rflow import SAMPLE_METHODS
-from utils.config_utils import DEFAULT_MODEL_DIR, read_model_defaults
+from pipelines.open_sora.settings import DEFAULT_MODEL_DIR, read_model_defaults, transformer_dir
 from utils.errors import UserError
 
 SAMPLERS = ("iddpm", "rflow")
@@ -25,7 +25,8 @@ class DiffusionSettings:
 
 
 def pretrained_model_path(model_args):
-    """The STDiT2 directory to fine-tune, or None for a new model from --model_config."""
+    """The STDiT2 directory to fine-tune (a pipeline directory's transformer), or None for a new model from
+    --model_config."""
     if model_args.model_config and model_args.pretrained_model_path:
         raise UserError(
             "--model_config starts a new, randomly initialised model and --pretrained_model_path fine-tunes an "
@@ -33,15 +34,15 @@ def pretrained_model_path(model_args):
         )
     if model_args.model_config:
         return None
-    return model_args.pretrained_model_path or os.path.join(DEFAULT_MODEL_DIR, "stdit2")
+    return transformer_dir(model_args.pretrained_model_path or DEFAULT_MODEL_DIR)
 
 
 def read_model_source(model_args):
-    """(STDiT2Config, the fine-tuned model's inference.json or {}), read without loading any weights."""
+    """(STDiT2Config, the settings the fine-tuned model was trained for or {}), read without loading any weights."""
     path = pretrained_model_path(model_args)
     if path is None:
         return STDiT2Config.from_json_file(model_args.model_config), {}
-    return STDiT2Config.from_pretrained(path), read_model_defaults(path)
+    return STDiT2Config.from_pretrained(path), read_model_defaults(model_args.pretrained_model_path or DEFAULT_MODEL_DIR)
 
 
 def first_given(*values):

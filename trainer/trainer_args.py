@@ -4,7 +4,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from utils.config_utils import DEFAULT_MODEL_DIR, REPO_ROOT
+from pipelines.open_sora.settings import DEFAULT_MODEL_DIR, REPO_ROOT
 
 DEFAULT_DATA_PATH = os.path.join(REPO_ROOT, "assets", "data", "train.csv")
 

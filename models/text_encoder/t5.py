@@ -2,12 +2,16 @@
 t5-v1_1-xxl, 4096 channels, 200 tokens), plus the original's caption cleaning."""
 
 import html
+import os
 import re
 import urllib.parse
 
 import paddle
 
 from models.vae.vae import check_model_dir
+
+
+TOKENIZER_FILE = "spiece.model"
 
 
 class T5Encoder:
@@ -18,18 +22,28 @@ class T5Encoder:
     the model's caption embedder (`text_encoder.y_embedder = model.y_embedder`).
     """
 
-    def __init__(self, from_pretrained, model_max_length=200, dtype="float32"):
-        from paddlenlp.transformers import T5EncoderModel, T5Tokenizer
-
-        self.read_config(from_pretrained)
-        self.tokenizer = T5Tokenizer.from_pretrained(from_pretrained)
-        self.model = T5EncoderModel.from_pretrained(from_pretrained, dtype=dtype)
+    def __init__(self, model, tokenizer, model_max_length=200):
+        self.tokenizer = tokenizer
+        self.model = model
         self.model.eval()
         for param in self.model.parameters():
             param.stop_gradient = True
         self.model_max_length = model_max_length
         self.output_dim = self.model.config.d_model
         self.y_embedder = None
+
+    @classmethod
+    def from_pretrained(cls, path, model_max_length=200, dtype="float32"):
+        """The encoder of `path` and its tokenizer: in the same directory (as DeepFloyd's t5-v1_1-xxl ships
+        them), or in the sibling `tokenizer` folder of a pipeline directory."""
+        from paddlenlp.transformers import T5EncoderModel, T5Tokenizer
+
+        cls.read_config(path)
+        tokenizer_path = path
+        sibling = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
+        if not os.path.isfile(os.path.join(path, TOKENIZER_FILE)) and os.path.isfile(os.path.join(sibling, TOKENIZER_FILE)):
+            tokenizer_path = sibling
+        return cls(T5EncoderModel.from_pretrained(path, dtype=dtype), T5Tokenizer.from_pretrained(tokenizer_path), model_max_length)
 
     @staticmethod
     def read_config(path):

@@ -45,12 +45,14 @@ def check_model_dir(path, what, config_key, convert_hint):
 
 
 class VideoAutoencoderKL(paddle.nn.Layer):
-    def __init__(self, from_pretrained, micro_batch_size=None, dtype="float32"):
-        super().__init__()
-        from ppdiffusers import AutoencoderKL
+    """A ppdiffusers image `AutoencoderKL` applied frame by frame to videos [B, C, T, H, W], with scaled latents.
 
-        self.read_config(from_pretrained)
-        self.module = AutoencoderKL.from_pretrained(from_pretrained, paddle_dtype=resolve_dtype(dtype))
+    `micro_batch_size` frames go through the VAE at once (None: all), which bounds the memory of decoding.
+    """
+
+    def __init__(self, module, micro_batch_size=None):
+        super().__init__()
+        self.module = module
         self.module.eval()
         for param in self.module.parameters():
             param.stop_gradient = True
@@ -61,6 +63,16 @@ class VideoAutoencoderKL(paddle.nn.Layer):
         self.patch_size = (1, factor, factor)
         self.temporal_compression = 1
         self.micro_batch_size = micro_batch_size
+
+    @classmethod
+    def from_pretrained(cls, path, micro_batch_size=None, dtype="float32"):
+        from ppdiffusers import AutoencoderKL
+
+        cls.read_config(path)
+        return cls(AutoencoderKL.from_pretrained(path, paddle_dtype=resolve_dtype(dtype)), micro_batch_size)
+
+    def save_pretrained(self, path):
+        self.module.save_pretrained(path, safe_serialization=True)
 
     @staticmethod
     def read_config(path):

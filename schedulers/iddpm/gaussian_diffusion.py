@@ -93,7 +93,9 @@ class IDDPM:
             if timestep_respacing:
                 raise ValueError("give num_sampling_steps or timestep_respacing, not both")
             timestep_respacing = str(num_sampling_steps)
-        self.timestep_map = space_timesteps(diffusion_steps, timestep_respacing or str(diffusion_steps))
+        self.timestep_respacing = timestep_respacing or str(diffusion_steps)
+        self.diffusion_steps = diffusion_steps
+        self.timestep_map = space_timesteps(diffusion_steps, self.timestep_respacing)
         self.learn_sigma = learn_sigma
         self.sigma_small = sigma_small
         self.cfg_scale = cfg_scale
@@ -181,9 +183,25 @@ class IDDPM:
     def log_betas_large(self):
         return np.log(np.append(self.posterior_variance[1], self.betas[1:]))
 
+    @property
+    def config(self):
+        """The constructor arguments that rebuild this scheduler (saved as a pipeline's scheduler_config.json)."""
+        return dict(timestep_respacing=self.timestep_respacing, learn_sigma=self.learn_sigma, sigma_small=self.sigma_small,
+                    diffusion_steps=self.diffusion_steps, cfg_scale=self.cfg_scale, cfg_channel=self.cfg_channel)
+
+    @property
+    def num_inference_steps(self):
+        return self.num_timesteps
+
+    def with_sampling_steps(self, num_sampling_steps):
+        """The same scheduler respaced to `num_sampling_steps` steps."""
+        return IDDPM(**{**self.config, "timestep_respacing": str(num_sampling_steps)})
+
     @paddle.no_grad()
-    def sample(self, model, text_encoder, z, prompts, additional_args, mask=None, progress=True, cfg_scale=None):
-        """Ancestral sampling from noise z [B, C, T, H, W]; `mask` [B, T] conditions frames (masking.py)."""
+    def sample(self, model, text_encoder, z, prompts, additional_args, mask=None, progress=True, cfg_scale=None,
+               step_callback=None):
+        """Ancestral sampling from noise z [B, C, T, H, W]; `mask` [B, T] conditions frames (masking.py).
+        `step_callback(step_index, t, z)`, if given, sees the latents after each step and returns them."""
         cfg_scale = self.cfg_scale if cfg_scale is None else cfg_scale
         batch, channels = z.shape[:2]
         text_args = encode_prompts(model, text_encoder, prompts)
@@ -208,6 +226,8 @@ class IDDPM:
             if index > 0:
                 z_next = mean + paddle.exp(0.5 * log_variance) * paddle.randn(z.shape, dtype=z.dtype)
             z = z_next if conditioning is None else conditioning.end_step(z, z_next, active)
+            if step_callback is not None:
+                z = step_callback(self.num_timesteps - 1 - index, t, z)
         return z
 
     # ------------------------------------------------------------------ training

@@ -58,6 +58,21 @@ class RFLOW:
         self.transform_scale = transform_scale
         self.temporal_compression = temporal_compression
 
+    @property
+    def config(self):
+        """The constructor arguments that rebuild this scheduler (saved as a pipeline's scheduler_config.json)."""
+        return dict(num_sampling_steps=self.num_sampling_steps, num_timesteps=self.num_timesteps, cfg_scale=self.cfg_scale,
+                    use_discrete_timesteps=self.use_discrete_timesteps, use_timestep_transform=self.use_timestep_transform,
+                    sample_method=self.sample_method, loc=self.loc, scale=self.scale, transform_scale=self.transform_scale,
+                    temporal_compression=self.temporal_compression)
+
+    @property
+    def num_inference_steps(self):
+        return self.num_sampling_steps
+
+    def with_sampling_steps(self, num_sampling_steps):
+        return RFLOW(**{**self.config, "num_sampling_steps": num_sampling_steps})
+
     def add_noise(self, x_start, noise, t):
         """x_t = (1 - t/T) x_start + (t/T) noise, t [B] in [0, T]."""
         noise_level = (t.astype("float32") / self.num_timesteps).reshape([-1] + [1] * (x_start.ndim - 1))
@@ -77,8 +92,10 @@ class RFLOW:
         return timesteps
 
     @paddle.no_grad()
-    def sample(self, model, text_encoder, z, prompts, additional_args, mask=None, progress=True, cfg_scale=None):
-        """Generate latents from noise z [B, C, T, H, W]; `mask` [B, T] conditions frames (see masking.py)."""
+    def sample(self, model, text_encoder, z, prompts, additional_args, mask=None, progress=True, cfg_scale=None,
+               step_callback=None):
+        """Generate latents from noise z [B, C, T, H, W]; `mask` [B, T] conditions frames (see masking.py).
+        `step_callback(step_index, t, z)`, if given, sees the latents after each step and returns them."""
         cfg_scale = self.cfg_scale if cfg_scale is None else cfg_scale
         batch = z.shape[0]
         text_args = encode_prompts(model, text_encoder, prompts)
@@ -92,7 +109,6 @@ class RFLOW:
         for i in tqdm(range(self.num_sampling_steps), disable=not progress, desc="rflow", leave=False):
             t = timesteps[i]
             x_mask = active = None
-            z_start = z
             if conditioning is not None:
                 z, x_mask, active = conditioning.begin_step(
                     z, t, lambda x, t: self.add_noise(x, paddle.randn(x.shape, dtype=x.dtype), t)
@@ -105,6 +121,8 @@ class RFLOW:
             z = z + velocity * dt
             if conditioning is not None:
                 z = conditioning.end_step(z_start, z, active)
+            if step_callback is not None:
+                z = step_callback(i, t, z)
         return z
 
     def sample_training_timesteps(self, batch):

@@ -30,8 +30,8 @@ def test_shipped_weights_are_small_and_complete():
 def test_shipped_models_load_and_give_finite_outputs():
     model = STDiT2.from_pretrained(os.path.join(SHIPPED, "stdit2"))
     model.eval()
-    vae = VideoAutoencoderKL(os.path.join(SHIPPED, "vae"))
-    text_encoder = T5Encoder(os.path.join(SHIPPED, "text_encoder"), model_max_length=model.config.model_max_length)
+    vae = VideoAutoencoderKL.from_pretrained(os.path.join(SHIPPED, "vae"))
+    text_encoder = T5Encoder.from_pretrained(os.path.join(SHIPPED, "text_encoder"), model_max_length=model.config.model_max_length)
     text = text_encoder.encode(["a red circle moving left on a black background"])
     assert text["y"].shape == [1, 1, model.config.model_max_length, model.config.caption_channels]
     z = paddle.randn([1, vae.out_channels, 16, 8, 8])
@@ -76,7 +76,7 @@ def palette_frames():
 
 @OLD_VAE_SHIFTS_COLOURS
 def test_shipped_vae_keeps_the_palette_colours():
-    vae = VideoAutoencoderKL(os.path.join(SHIPPED, "vae"))
+    vae = VideoAutoencoderKL.from_pretrained(os.path.join(SHIPPED, "vae"))
     objects, masks, solids = palette_frames()
     decoded = round_trip(vae, objects)
     object_errors = [np.linalg.norm(d[m].mean(0) - o[m].mean(0)) for d, m, o in zip(decoded, masks, objects)]

@@ -8,7 +8,7 @@ from utils.errors import UserError
 
 @pytest.fixture(scope="module")
 def encoder(tiny_models):
-    return T5Encoder(tiny_models["text_encoder"], model_max_length=8)
+    return T5Encoder.from_pretrained(tiny_models["text_encoder"], model_max_length=8)
 
 
 def test_shapes_masks_and_padding(encoder):
@@ -46,6 +46,6 @@ def test_caption_cleaning_keeps_plain_captions():
 
 def test_bad_paths(tmp_path, tiny_models):
     with pytest.raises(UserError, match="not found"):
-        T5Encoder(str(tmp_path / "nothing"))
+        T5Encoder.from_pretrained(str(tmp_path / "nothing"))
     with pytest.raises(UserError, match="not a T5"):
-        T5Encoder(tiny_models["vae"])
+        T5Encoder.from_pretrained(tiny_models["vae"])

@@ -10,7 +10,7 @@ from utils.errors import UserError
 
 @pytest.fixture(scope="module")
 def vae(tiny_models):
-    return VideoAutoencoderKL(tiny_models["vae"], micro_batch_size=3)
+    return VideoAutoencoderKL.from_pretrained(tiny_models["vae"], micro_batch_size=3)
 
 
 def test_shapes_scaling_and_latent_size(vae):
@@ -23,7 +23,7 @@ def test_shapes_scaling_and_latent_size(vae):
 
 
 def test_micro_batches_equal_one_full_batch(tiny_models, vae):
-    whole = VideoAutoencoderKL(tiny_models["vae"], micro_batch_size=None)
+    whole = VideoAutoencoderKL.from_pretrained(tiny_models["vae"], micro_batch_size=None)
     x = paddle.rand([2, 3, 5, 64, 64]) * 2 - 1
     np.testing.assert_allclose(vae.encode(x, sample_posterior=False).numpy(), whole.encode(x, sample_posterior=False).numpy(), rtol=1e-5, atol=1e-6)
     z = paddle.randn([2, 4, 5, 8, 8])
@@ -47,7 +47,7 @@ def test_scaling_factor_comes_from_the_config(tiny_models, vae):
 
 def test_dtype_plumbing(tiny_models):
     assert resolve_dtype("float16") == paddle.float16 and resolve_dtype("bfloat16") == paddle.bfloat16
-    vae = VideoAutoencoderKL(tiny_models["vae"], dtype="float32")
+    vae = VideoAutoencoderKL.from_pretrained(tiny_models["vae"], dtype="float32")
     assert all(p.dtype == paddle.float32 for p in vae.parameters())
     with pytest.raises(UserError, match="dtype"):
         resolve_dtype("fp8")
@@ -55,8 +55,8 @@ def test_dtype_plumbing(tiny_models):
 
 def test_bad_paths(tmp_path, tiny_models):
     with pytest.raises(UserError, match="not found"):
-        VideoAutoencoderKL(str(tmp_path / "missing"))
+        VideoAutoencoderKL.from_pretrained(str(tmp_path / "missing"))
     with pytest.raises(UserError, match="hub downloads are not available"):
-        VideoAutoencoderKL("stabilityai/sd-vae-ft-ema")
+        VideoAutoencoderKL.from_pretrained("stabilityai/sd-vae-ft-ema")
     with pytest.raises(UserError, match="not a VAE"):
-        VideoAutoencoderKL(tiny_models["text_encoder"])
+        VideoAutoencoderKL.from_pretrained(tiny_models["text_encoder"])

@@ -47,7 +47,7 @@ def tiny_parts(tiny_models):
     for parameter in model.parameters():
         parameter.set_value(paddle.randn(parameter.shape) * 0.1)
     model.eval()
-    text_encoder = T5Encoder(tiny_models["text_encoder"], model_max_length=model.config.model_max_length)
+    text_encoder = T5Encoder.from_pretrained(tiny_models["text_encoder"], model_max_length=model.config.model_max_length)
     latents = paddle.randn([2, 4, 4, 8, 8])
     sizes = {key: paddle.to_tensor([value] * 2, dtype="float32")
              for key, value in dict(num_frames=4, height=64, width=64, ar=1.0, fps=8).items()}

@@ -1,0 +1,351 @@
+"""`OpenSoraPipeline`: text-to-video with STDiT2 (Open-Sora v1.1), conditioned on images and videos, and
+chained into long videos.
+
+    pipe = OpenSoraPipeline.from_pretrained("assets/default_model")
+    frames = pipe("a red circle moving right on a dark background", seed=0).frames[0]  # uint8 [T, H, W, 3]
+
+A pipeline directory holds `model_index.json` and one folder per component: transformer (STDiT2), vae
+(ppdiffusers AutoencoderKL), text_encoder (paddlenlp T5EncoderModel), tokenizer (T5Tokenizer) and scheduler
+(`scheduler_config.json` of RFLOW or IDDPM). `model_index.json` also records the size the transformer was
+trained for, which is the default size of a generation.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Callable, List, Optional, Union
+
+import numpy as np
+import paddle
+from ppdiffusers import DiffusionPipeline
+from ppdiffusers.utils import BaseOutput
+
+from models.stdit.stdit2 import STDiT2
+from models.text_encoder.t5 import T5Encoder, text_preprocessing
+from models.vae.vae import VideoAutoencoderKL
+from pipelines.open_sora.conditioning import Conditions, EncodedConditions, fill_conditioned_frames, latent_frames
+from schedulers.iddpm import IDDPM
+from schedulers.rflow import RFLOW
+from utils.errors import UserError
+from utils.io import atomic_path, read_json_object, write_text_atomic
+from utils.media import IMAGE_FPS
+
+# The scheduler classes a scheduler_config.json may name.
+SCHEDULER_CLASSES = {"RFLOW": RFLOW, "IDDPM": IDDPM}
+SCHEDULER_CONFIG_NAME = "scheduler_config.json"
+DTYPES = ("float32", "float16", "bfloat16")
+OUTPUT_TYPES = ("np", "pil", "latent")
+SIZE_KEYS = ("num_frames", "height", "width", "fps")
+
+
+@dataclasses.dataclass
+class OpenSoraPipelineOutput(BaseOutput):
+    """`frames`: uint8 numpy [B, T, H, W, 3] ("np"), a list of B lists of PIL images ("pil"), or latents
+    [B, C, T, h, w] ("latent"). `fps`: the frame rate to save the video at (the conditioning fps divided by
+    the frame interval the model was trained with)."""
+
+    frames: Union[np.ndarray, List[list], paddle.Tensor]
+    fps: int
+
+
+def check_dtype(dtype):
+    if dtype not in DTYPES:
+        raise UserError(f"dtype {dtype!r} is not one of {list(DTYPES)}")
+    if dtype != "float32" and not paddle.device.is_compiled_with_cuda():
+        raise UserError(f"dtype {dtype} needs a GPU; this Paddle build is CPU-only, use float32")
+
+
+def load_scheduler(path):
+    config = read_json_object(os.path.join(path, SCHEDULER_CONFIG_NAME), "scheduler config")
+    class_name = config.pop("_class_name", None)
+    if class_name not in SCHEDULER_CLASSES:
+        raise UserError(f"{path}: scheduler {class_name!r} is not one of {sorted(SCHEDULER_CLASSES)}")
+    return SCHEDULER_CLASSES[class_name](**config)
+
+
+def save_scheduler(scheduler, path):
+    os.makedirs(path, exist_ok=True)
+    config = {"_class_name": type(scheduler).__name__, **scheduler.config}
+    write_text_atomic(os.path.join(path, SCHEDULER_CONFIG_NAME), json.dumps(config, indent=2) + "\n")
+
+
+def clean_prompt(text):
+    """A prompt cleaned as the captions the model was trained on (URLs, markup and symbols removed)."""
+    cleaned = text_preprocessing(text) if isinstance(text, str) else ""
+    if not cleaned:
+        raise UserError(f"prompt {text!r}: nothing is left after caption cleaning (it removes URLs, markup and "
+                        "symbols); describe the video in words")
+    return cleaned
+
+
+def to_uint8_frames(videos):
+    """Videos [B, 3, T, H, W] in [-1, 1] (numpy) -> uint8 [B, T, H, W, 3]."""
+    return ((videos.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 4, 1)
+
+
+class OpenSoraPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler, num_frames=None, height=None, width=None,
+                 fps=None, frame_interval=1):
+        super().__init__()
+        if transformer.config.caption_channels != text_encoder.config.d_model or transformer.config.in_channels != vae.out_channels:
+            raise UserError(
+                f"the transformer expects {transformer.config.in_channels} latent channels and caption width "
+                f"{transformer.config.caption_channels}, but the VAE gives {vae.out_channels} and the text encoder "
+                f"{text_encoder.config.d_model}; use the VAE and text encoder it was trained with"
+            )
+        transformer.eval()  # inference mode: caption keys/values are computed once per generation
+        self.register_modules(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              scheduler=scheduler)
+        self.register_to_config(num_frames=num_frames, height=height, width=width, fps=fps, frame_interval=frame_interval)
+
+    # ------------------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(cls, path, dtype="float32", vae_micro_batch_size=4, scheduler=None):
+        """Load a pipeline directory (`save_pretrained`'s output). The transformer and VAE run in `dtype`;
+        T5 always runs in float32 (its features overflow in fp16). The VAE decodes `vae_micro_batch_size`
+        frames at a time. `scheduler` replaces the saved one."""
+        from paddlenlp.transformers import T5EncoderModel, T5Tokenizer
+
+        check_dtype(dtype)
+        index = read_json_object(os.path.join(path, cls.config_name), "pipeline index")
+        if index.get("_class_name") != cls.__name__:
+            raise UserError(f"{path}: model_index.json describes a {index.get('_class_name')!r}, not an {cls.__name__}")
+        text_encoder_path = os.path.join(path, "text_encoder")
+        T5Encoder.read_config(text_encoder_path)
+        return cls(
+            transformer=STDiT2.from_pretrained(os.path.join(path, "transformer"), dtype=dtype),
+            vae=VideoAutoencoderKL.from_pretrained(os.path.join(path, "vae"), vae_micro_batch_size, dtype),
+            text_encoder=T5EncoderModel.from_pretrained(text_encoder_path),
+            tokenizer=T5Tokenizer.from_pretrained(os.path.join(path, "tokenizer")),
+            scheduler=scheduler or load_scheduler(os.path.join(path, "scheduler")),
+            **{key: index[key] for key in (*SIZE_KEYS, "frame_interval") if key in index},
+        )
+
+    @classmethod
+    def from_component_paths(cls, transformer, vae, text_encoder, scheduler, dtype="float32", vae_micro_batch_size=4,
+                             trained_size=None):
+        """Build from separate directories, as converted official weights come: an STDiT2, an AutoencoderKL, a
+        T5 directory holding its tokenizer too, and a scheduler object. `trained_size`: dict of SIZE_KEYS."""
+        check_dtype(dtype)
+        caption_encoder = T5Encoder.from_pretrained(text_encoder)
+        VideoAutoencoderKL.read_config(vae)
+        return cls(
+            transformer=STDiT2.from_pretrained(transformer, dtype=dtype),
+            vae=VideoAutoencoderKL.from_pretrained(vae, vae_micro_batch_size, dtype),
+            text_encoder=caption_encoder.model,
+            tokenizer=caption_encoder.tokenizer,
+            scheduler=scheduler,
+            **(trained_size or {}),
+        )
+
+    def save_pretrained(self, path):
+        """Write the pipeline directory; it appears complete or not at all."""
+        with atomic_path(path) as tmp_path:
+            os.makedirs(tmp_path)
+            self.transformer.save_pretrained(os.path.join(tmp_path, "transformer"))
+            self.vae.save_pretrained(os.path.join(tmp_path, "vae"))
+            self.text_encoder.save_pretrained(os.path.join(tmp_path, "text_encoder"), safe_serialization=True)
+            self.tokenizer.save_pretrained(os.path.join(tmp_path, "tokenizer"))
+            save_scheduler(self.scheduler, os.path.join(tmp_path, "scheduler"))
+            self.save_config(tmp_path)
+
+    # ------------------------------------------------------------------------------------------ settings
+
+    @property
+    def default_size(self):
+        """The size the transformer was trained for (None where unknown): num_frames, height, width, fps."""
+        return {key: self.config.get(key) for key in SIZE_KEYS}
+
+    @property
+    def default_sampling(self):
+        return dict(num_inference_steps=self.scheduler.num_inference_steps, guidance_scale=self.scheduler.cfg_scale)
+
+    @property
+    def vae_scale_factor(self):
+        return self.vae.patch_size[1]
+
+    @property
+    def num_timesteps(self):
+        """Model steps of the current (or last) call, over all loops and videos: what a progress bar counts."""
+        return self._num_timesteps
+
+    # ---------------------------------------------------------------------------------------- generation
+
+    def check_inputs(self, prompts, conditions, num_frames, height, width, fps, loop, condition_frame_length,
+                     num_inference_steps, guidance_scale, num_videos_per_prompt, output_type, callback_on_step_end):
+        for name, value in dict(num_frames=num_frames, height=height, width=width, fps=fps).items():
+            if value is None:
+                raise UserError(f"{name} is not given and the pipeline has no default for it; pass {name}=...")
+        for name, value in dict(num_frames=num_frames, height=height, width=width, fps=fps, loop=loop,
+                                num_inference_steps=num_inference_steps, num_videos_per_prompt=num_videos_per_prompt).items():
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise UserError(f"{name} must be a positive integer, got {value!r}")
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise UserError(f"height {height} and width {width} must be multiples of {self.vae_scale_factor} (the VAE's downsampling)")
+        if isinstance(self.scheduler, IDDPM) and num_inference_steps < 2:
+            raise UserError("num_inference_steps must be at least 2 with IDDPM (its variance at t = 0 is clipped to the next step's)")
+        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool):
+            raise UserError(f"guidance_scale must be a number, got {guidance_scale!r}")
+        if loop > 1 and not 0 < condition_frame_length < num_frames:
+            raise UserError(f"condition_frame_length {condition_frame_length} must be between 1 and num_frames - 1 ({num_frames - 1})")
+        if output_type not in OUTPUT_TYPES:
+            raise UserError(f"output_type {output_type!r} is not one of {list(OUTPUT_TYPES)}")
+        if output_type == "latent" and loop > 1:
+            raise UserError("output_type 'latent' returns one clip; use loop=1 (the clips of a long video overlap)")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise UserError("callback_on_step_end must be callable (pipe, step_index, timestep, callback_kwargs) -> dict")
+        if len(conditions) != len(prompts):
+            raise UserError(f"{len(conditions)} conditions for {len(prompts)} prompts; give one per prompt (None for none)")
+        for per_loop in prompts:
+            if len(per_loop) != loop:
+                raise UserError(f"a prompt given per loop has {len(per_loop)} texts for loop={loop}; give one per loop")
+        for item in conditions:
+            item.check(num_frames, loop)
+
+    @staticmethod
+    def prompts_per_loop(prompt, loop):
+        """prompt: a text, a list of texts (one video each), or a list whose items are lists of texts (one per
+        loop). Returns cleaned texts [video][loop]."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise UserError("prompt is empty; give a text or a list of texts")
+        per_loop = [[item] * loop if isinstance(item, str) else list(item) for item in prompts]
+        return [[clean_prompt(text) for text in texts] for texts in per_loop]
+
+    def encode_references(self, conditions, height, width):
+        """EncodedConditions per video: each reference read at the generation size and encoded once."""
+        encoded = []
+        for item in conditions:
+            latents = [self.vae.encode(paddle.to_tensor(ref.pixels(height, width))[None])[0] for ref in item.references]
+            encoded.append(EncodedConditions(latents, [ref.num_frames for ref in item.references], list(item.mask_groups)))
+        return encoded
+
+    def size_arguments(self, batch_size, num_frames, height, width, fps):
+        values = dict(height=height, width=width, num_frames=num_frames, ar=height / width,
+                      fps=IMAGE_FPS if num_frames == 1 else fps)
+        dtype = self.transformer.x_embedder.proj.weight.dtype
+        return {key: paddle.full([batch_size], value, dtype=dtype) for key, value in values.items()}
+
+    @paddle.no_grad()
+    def __call__(
+        self,
+        prompt: Union[str, List[Union[str, List[str]]]],
+        *,
+        num_frames: Optional[int] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        fps: Optional[int] = None,
+        conditions: Union[Conditions, List[Optional[Conditions]], None] = None,
+        loop: int = 1,
+        condition_frame_length: Optional[int] = None,
+        num_inference_steps: Optional[int] = None,
+        guidance_scale: Optional[float] = None,
+        seed: Optional[int] = None,
+        num_videos_per_prompt: int = 1,
+        output_type: str = "np",
+        callback_on_step_end: Optional[Callable] = None,
+        return_dict: bool = True,
+    ):
+        """Generate one video per prompt (times `num_videos_per_prompt`).
+
+        Args:
+            prompt: a text, or a list (one video each) whose items may be lists of one text per loop.
+            num_frames, height, width, fps: of each clip; default: what the model was trained for. fps is the
+                frame rate the model is conditioned on.
+            conditions: `Conditions` for every prompt, or a list of one (or None) per prompt.
+            loop: clips chained into one video; each later clip starts with the last `condition_frame_length`
+                frames of the one before (default a quarter of num_frames) and adds num_frames minus those.
+            num_inference_steps, guidance_scale: default: the scheduler's.
+            seed: the same seed and arguments give the same frames; the global random state is left as it was.
+            num_videos_per_prompt: drawn one after another from the seed's random stream.
+            callback_on_step_end: `fn(pipe, step_index, timestep, {"latents": z}) -> dict` after every model step
+                (step_index counts over all loops and videos up to `pipe.num_timesteps`); latents it returns
+                replace the current ones.
+        """
+        size = {**self.default_size, **{k: v for k, v in dict(num_frames=num_frames, height=height, width=width, fps=fps).items() if v is not None}}
+        num_frames, height, width, fps = (size[key] for key in SIZE_KEYS)
+        if num_inference_steps is None:
+            num_inference_steps = self.default_sampling["num_inference_steps"]
+        guidance_scale = self.default_sampling["guidance_scale"] if guidance_scale is None else guidance_scale
+        if condition_frame_length is None and num_frames is not None:
+            condition_frame_length = max(1, num_frames // 4)
+        prompts = self.prompts_per_loop(prompt, loop)
+        if conditions is None or isinstance(conditions, Conditions):
+            conditions = [conditions] * len(prompts)
+        conditions = [Conditions() if item is None else item for item in conditions]
+        self.check_inputs(prompts, conditions, num_frames, height, width, fps, loop, condition_frame_length,
+                          num_inference_steps, guidance_scale, num_videos_per_prompt, output_type, callback_on_step_end)
+
+        scheduler = self.scheduler.with_sampling_steps(num_inference_steps)
+        self._num_timesteps = scheduler.num_inference_steps * loop * num_videos_per_prompt
+        rng_state = paddle.get_rng_state()
+        paddle.seed(int(np.random.default_rng().integers(2**31)) if seed is None else seed)
+        try:
+            encoded = self.encode_references(conditions, height, width)
+            with self.progress_bar(total=self._num_timesteps) as progress_bar:
+                draws = []
+                for draw in range(num_videos_per_prompt):
+                    def step_callback(step_index, t, latents, offset=draw * loop * scheduler.num_inference_steps):
+                        return self._after_step(offset, step_index, t, latents, scheduler, progress_bar, callback_on_step_end)
+
+                    draws.append(self.generate_long_video(prompts, [item.copy() for item in encoded], scheduler, num_frames, height, width, fps,
+                                                          loop, condition_frame_length, guidance_scale, output_type,
+                                                          step_callback))
+        finally:
+            paddle.set_rng_state(rng_state)
+
+        # prompt-major order: all videos of the first prompt, then of the second, ...
+        videos = [draws[k][i] for i in range(len(prompts)) for k in range(num_videos_per_prompt)]
+        if output_type == "latent":
+            frames = paddle.stack(videos)
+        else:
+            frames = to_uint8_frames(np.stack(videos))
+            if output_type == "pil":
+                from PIL import Image
+
+                frames = [[Image.fromarray(frame) for frame in video] for video in frames]
+        self.maybe_free_model_hooks()
+        save_fps = max(1, fps // self.config.frame_interval)
+        if not return_dict:
+            return (frames, save_fps)
+        return OpenSoraPipelineOutput(frames=frames, fps=save_fps)
+
+    def _after_step(self, offset, step_index, t, latents, scheduler, progress_bar, callback_on_step_end):
+        progress_bar.update()
+        if callback_on_step_end is None:
+            return latents
+        outputs = callback_on_step_end(self, offset + step_index, t, {"latents": latents}) or {}
+        return outputs.get("latents", latents)
+
+    def generate_long_video(self, prompts, encoded, scheduler, num_frames, height, width, fps, loop,
+                            condition_frame_length, guidance_scale, output_type, step_callback):
+        """Videos (numpy [3, T, H, W] in [-1, 1], or latents [C, T, h, w]) of `loop` chained clips;
+        `encoded`: EncodedConditions per prompt, which the loops extend."""
+        latent_size = [latent_frames(num_frames, self.vae.temporal_compression), height // self.vae_scale_factor,
+                       width // self.vae_scale_factor]
+        size_args = self.size_arguments(len(prompts), num_frames, height, width, fps)
+        caption_encoder = T5Encoder(self.text_encoder, self.tokenizer, self.transformer.config.model_max_length)
+        caption_encoder.y_embedder = self.transformer.y_embedder  # the learned null caption
+        clips = []
+        for loop_index in range(loop):
+            if loop_index > 0:
+                # the decoded end of the previous clip is encoded again, as the original does
+                previous = self.vae.encode(clips[-1][:, :, -condition_frame_length:])
+                for i, item in enumerate(encoded):
+                    item.add_loop_reference(previous[i], condition_frame_length, loop_index)
+            z = paddle.randn([len(prompts), self.vae.out_channels, *latent_size], dtype="float32")
+            frame_mask = fill_conditioned_frames(z, encoded, loop_index, num_frames, self.vae.temporal_compression)
+            samples = scheduler.sample(
+                self.transformer, caption_encoder, z=z, prompts=[texts[loop_index] for texts in prompts],
+                additional_args=size_args, mask=frame_mask, progress=False, cfg_scale=guidance_scale,
+                step_callback=step_callback,
+            )
+            if output_type == "latent":
+                return list(samples)
+            clips.append(self.vae.decode(samples.astype(self.vae.dtype)).astype("float32"))
+        parts = [clips[0]] + [clip[:, :, condition_frame_length:] for clip in clips[1:]]
+        return list(paddle.concat(parts, axis=2).numpy())
