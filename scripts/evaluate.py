@@ -106,7 +106,7 @@ def main(argv):
             picks = [combinations[i] for i in rng.permutation(len(combinations))[: args.num_prompts]]
             for kind, templates in prompt_kinds.items():
                 prompts = [random_clip(rng, combo, templates, synthetic.MOTION_VERBS)[1] for combo in picks]
-                videos = generate(prompts, seed)
+                videos = generate(prompts, seed=seed)
                 if seed == args.seeds[0]:
                     save_strip(f"t2v_{group}" if kind == "long" else f"t2v_{group}_short", videos[0], prompts[0])
                 samples = [

@@ -342,7 +342,7 @@ class OpenSoraPipeline(DiffusionPipeline):
             samples = scheduler.sample(
                 self.transformer, caption_encoder, z=z, prompts=[texts[loop_index] for texts in prompts],
                 additional_args=size_args, mask=frame_mask, progress=False, cfg_scale=guidance_scale,
-                step_callback=step_callback,
+                step_callback=lambda i, t, z, first=loop_index * scheduler.num_inference_steps: step_callback(first + i, t, z),
             )
             if output_type == "latent":
                 return list(samples)
