@@ -2,8 +2,9 @@
 # Rebuild the shipped demo model (assets/default_model) from nothing, on CPU.
 #   bash scripts/train_default_model.sh [DATA_DIR]
 # DATA_DIR (default: data/synthetic) receives the rendered toy videos; it is not part of the repo.
-# MODEL_DIR (default: assets/default_model) and RESULTS_DIR (default: assets/results) receive the model and the
-# evaluation strips; point them elsewhere to build a candidate without touching the shipped model.
+# MODEL_DIR (default: assets/default_model) and RESULTS_DIR (default: assets/results) receive the model (a pipeline
+# directory) and the evaluation strips; point them elsewhere to build a candidate without touching the shipped model.
+# PARTS_DIR (default: runs/default_model_parts) holds the text encoder and VAE while the STDiT2 trains.
 # START_STEP=N skips the steps before N. An interrupted STDiT2 cycle resumes from its newest checkpoint in
 # RUN_DIR when rerun from its step (START_STEP=5 for the first cycle, 6 for the second); step 4 encodes new
 # latents and so deletes RUN_DIR, whose checkpoints were trained on the old ones.
@@ -15,6 +16,7 @@ data_dir="${1:-data/synthetic}"
 model_dir="${MODEL_DIR:-assets/default_model}"
 results_dir="${RESULTS_DIR:-assets/results}"
 run_dir="${RUN_DIR:-runs/default_stdit2}"
+parts_dir="${PARTS_DIR:-runs/default_model_parts}"
 start_step="${START_STEP:-1}"
 
 # step N TITLE: true when step N should run; prints the step's title and the time since the script started.
@@ -27,10 +29,10 @@ step() {
 step 1 "toy data set" && "$python" scripts/make_synthetic_data.py --output-dir "$data_dir" --num-clips 2000 --seed 0
 
 # 2. Tokenizer trained on the captions + small random-init T5 encoder (seconds).
-step 2 "text encoder" && "$python" scripts/make_text_encoder.py --output-dir "$model_dir/text_encoder" --seed 0
+step 2 "text encoder" && "$python" scripts/make_text_encoder.py --output-dir "$parts_dir/text_encoder" --seed 0
 
 # 3. Image VAE on the frames of the training clips and as many random colour frames (train_vae.py says why).
-step 3 "VAE" && "$python" scripts/train_vae.py --data-dir "$data_dir" --output-dir "$model_dir/vae" --seed 0 \
+step 3 "VAE" && "$python" scripts/train_vae.py --data-dir "$data_dir" --output-dir "$parts_dir/vae" --seed 0 \
     --steps 1600 --colour-fraction 0.5 --lowpass-weight 1.0
 
 # 4-6. STDiT2 with the real training script, in two cosine cycles: the second restarts from the first one's EMA
@@ -41,8 +43,8 @@ step 3 "VAE" && "$python" scripts/train_vae.py --data-dir "$data_dir" --output-d
 #    more steps train the high noise levels where a clip's layout and motion are decided; v1.1 frame masks with
 #    more conditioning (image/connect/extend/edit).
 stdit2_recipe=(
-    --latent_data_path "$data_dir/latents/latents.csv" --vae_path "$model_dir/vae"
-    --text_encoder_path "$model_dir/text_encoder" --sampler rflow
+    --latent_data_path "$data_dir/latents/latents.csv" --vae_path "$parts_dir/vae"
+    --text_encoder_path "$parts_dir/text_encoder" --sampler rflow
     --rflow_sample_method logit-normal --rflow_use_timestep_transform true --rflow_transform_scale 6.0
     --per_device_train_batch_size 16 --lr_scheduler_type cosine --weight_decay 0.0 --max_grad_norm 1.0
     --save_steps 400 --save_total_limit 2 --logging_steps 50 --dataloader_num_workers 0 --report_to none
@@ -50,7 +52,7 @@ stdit2_recipe=(
     --mask_ratios '{"mask_no": 0.7, "mask_quarter_random": 0.03, "mask_quarter_head": 0.06, "mask_quarter_tail": 0.03, "mask_quarter_head_tail": 0.03, "mask_image_random": 0.03, "mask_image_head": 0.06, "mask_image_tail": 0.03, "mask_image_head_tail": 0.03}'
 )
 if step 4 "latents"; then
-    "$python" scripts/encode_latents.py --data-path "$data_dir/train.csv" --vae-path "$model_dir/vae" \
+    "$python" scripts/encode_latents.py --data-path "$data_dir/train.csv" --vae-path "$parts_dir/vae" \
         --num-frames 16 --image-size 64 64 --output-dir "$data_dir/latents" --batch-size 16
     rm -rf "$run_dir"
 fi
@@ -62,10 +64,17 @@ step 6 "STDiT2, second cycle" && "$python" scripts/trainer_opensora.py --do_trai
     --pretrained_model_path "$run_dir/cycle1/ema" "${stdit2_recipe[@]}" \
     --learning_rate 4e-4 --warmup_steps 100 --max_steps 1500 --seed 43
 
-# 7. Ship the second cycle's weights with the sampling settings they were trained for, and measure them.
+# 7. Ship the second cycle's weights as a pipeline directory, with the sampling settings they were trained for
+#    (its inference.json), and measure them. README.md and evaluation.json of MODEL_DIR are kept.
 if step 7 "ship and evaluate"; then
-    mkdir -p "$model_dir/stdit2"
-    cp "$run_dir/cycle2/config.json" "$run_dir/cycle2/model.safetensors" "$run_dir/cycle2/inference.json" "$model_dir/stdit2/"
+    "$python" scripts/save_pipeline.py --model-path "$run_dir/cycle2" --vae-path "$parts_dir/vae" \
+        --text-encoder-path "$parts_dir/text_encoder" --output-dir "$run_dir/pipeline"
+    cp "$parts_dir/vae/training_report.json" "$run_dir/pipeline/vae/"
+    mkdir -p "$model_dir"
+    for part in model_index.json transformer vae text_encoder tokenizer scheduler; do
+        rm -rf "${model_dir:?}/$part"
+        cp -r "$run_dir/pipeline/$part" "$model_dir/"
+    done
     "$python" scripts/evaluate.py --num-prompts 48 --model-dir "$model_dir" \
         --output "$model_dir/evaluation.json" --strips-dir "$results_dir"
 fi

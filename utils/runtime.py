@@ -1,4 +1,10 @@
-"""Process-wide runtime settings applied once by the scripts."""
+"""Process-wide runtime settings for Paddle's CPU kernels.
+
+Importing `models` or `pipelines` applies them (`configure_on_import`), so a user's own program gets the
+same speed as the scripts without a set-up call; OPENSORA_CPU_RUNTIME=0 skips that. Each part keeps a value
+the user set (MKL_DEBUG_CPU_TYPE, MKL_CBWR, OPENSORA_NUM_THREADS) or has its own opt-out
+(OPENSORA_MALLOC_TUNING=0).
+"""
 
 import ctypes
 import ctypes.util
@@ -31,6 +37,14 @@ def configure_cpu_runtime():
     keep_freed_memory_in_process()
     copy_on_transpose()
     return configure_cpu_threads()
+
+
+def configure_on_import():
+    """`configure_cpu_runtime()` unless OPENSORA_CPU_RUNTIME=0. It must run before MKL's first call, which
+    importing the model package comes before in any program that uses it."""
+    if os.environ.get("OPENSORA_CPU_RUNTIME", "1") == "0":
+        return None
+    return configure_cpu_runtime()
 
 
 def copy_on_transpose():

@@ -203,3 +203,16 @@ def test_conditions_refuse_what_cannot_be_placed():
         Conditions.image_to_video("nowhere.png")
     with pytest.raises(UserError, match="nothing is left after caption cleaning"):
         OpenSoraPipeline.prompts_per_loop("http://example.com", 1)
+
+
+def test_save_pipeline_script_assembles_a_loadable_directory(tiny_models, pipe, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "scripts/save_pipeline.py", "--model-path", tiny_models["stdit2"], "--vae-path", tiny_models["vae"],
+         "--text-encoder-path", tiny_models["text_encoder"], "--output-dir", str(tmp_path / "assembled")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assembled = OpenSoraPipeline.from_pretrained(str(tmp_path / "assembled"))
+    assembled.set_progress_bar_config(disable=True)
+    assert assembled.default_size == pipe.default_size and assembled.default_sampling == pipe.default_sampling
+    np.testing.assert_array_equal(assembled(PROMPT, seed=8).frames, pipe(PROMPT, seed=8).frames)
