@@ -176,7 +176,7 @@ class OpenSoraPipeline(DiffusionPipeline):
     # ---------------------------------------------------------------------------------------- generation
 
     def check_inputs(self, prompts, conditions, num_frames, height, width, fps, loop, condition_frame_length,
-                     num_inference_steps, guidance_scale, num_videos_per_prompt, output_type, callback_on_step_end):
+                     num_inference_steps, guidance_scale, seed, num_videos_per_prompt, output_type, callback_on_step_end):
         for name, value in dict(num_frames=num_frames, height=height, width=width, fps=fps).items():
             if value is None:
                 raise UserError(f"{name} is not given and the pipeline has no default for it; pass {name}=...")
@@ -188,6 +188,8 @@ class OpenSoraPipeline(DiffusionPipeline):
             raise UserError(f"height {height} and width {width} must be multiples of {self.vae_scale_factor} (the VAE's downsampling)")
         if isinstance(self.scheduler, IDDPM) and num_inference_steps < 2:
             raise UserError("num_inference_steps must be at least 2 with IDDPM (its variance at t = 0 is clipped to the next step's)")
+        if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool)):
+            raise UserError(f"seed must be an integer or None, got {seed!r}")
         if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool):
             raise UserError(f"guidance_scale must be a number, got {guidance_scale!r}")
         if loop > 1 and not 0 < condition_frame_length < num_frames:
@@ -278,7 +280,7 @@ class OpenSoraPipeline(DiffusionPipeline):
             conditions = [conditions] * len(prompts)
         conditions = [Conditions() if item is None else item for item in conditions]
         self.check_inputs(prompts, conditions, num_frames, height, width, fps, loop, condition_frame_length,
-                          num_inference_steps, guidance_scale, num_videos_per_prompt, output_type, callback_on_step_end)
+                          num_inference_steps, guidance_scale, seed, num_videos_per_prompt, output_type, callback_on_step_end)
 
         scheduler = self.scheduler.with_sampling_steps(num_inference_steps)
         self._num_timesteps = scheduler.num_inference_steps * loop * num_videos_per_prompt

@@ -186,6 +186,8 @@ def test_the_command_line_writes_what_the_api_returns(pipeline_dir, pipe, tmp_pa
     (dict(conditions=Conditions([np.zeros((64, 64, 3), np.uint8)], [MaskGroup(target_start=5)])), "do not fit in a clip of 4"),
     (dict(conditions=Conditions([np.zeros((64, 64, 3), np.uint8)], [MaskGroup(loop=1)])), "loop 1 is not generated"),
     (dict(callback_on_step_end="print"), "must be callable"),
+    (dict(seed="42"), "seed must be an integer"),
+    (dict(guidance_scale="7"), "guidance_scale must be a number"),
 ])
 def test_bad_calls_are_one_line_errors(pipe, call, message):
     with pytest.raises(UserError, match=message):
