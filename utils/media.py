@@ -4,6 +4,7 @@ Frames are uint8 arrays [T, H, W, 3] (RGB) or PIL images; videos are written as 
 of the project but the error type and the atomic-write helpers.
 """
 
+import io
 import os
 import tempfile
 from typing import NamedTuple
@@ -115,23 +116,31 @@ def resize_crop(frame, height, width, transform_name="resize_crop"):
     return np.asarray(frame.crop((left, top, left + width, top + height)).convert("RGB"))
 
 
-def write_mp4(frames, fps, path):
-    """uint8 [T, H, W, 3] as H.264 yuv420p; odd sizes are padded by one pixel (yuv420p needs even sizes)."""
+def write_mp4(frames, fps, target, crf=18):
+    """uint8 [T, H, W, 3] as H.264 yuv420p into `target` (a path or a binary file); odd sizes are padded by one
+    pixel (yuv420p needs even sizes). The bytes depend only on the frames and settings."""
     pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    with av.open(path, mode="w", format="mp4") as container:
+    with av.open(target, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=int(fps))
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
         # One thread keeps the bytes identical across machines; no creation time keeps them identical across runs.
-        stream.options = {"crf": "18", "threads": "1"}
+        stream.options = {"crf": str(crf), "threads": "1"}
         container.metadata["creation_time"] = "1970-01-01T00:00:00Z"
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def encode_mp4(frames, fps, crf=18):
+    """The bytes `write_mp4` would write."""
+    buffer = io.BytesIO()
+    write_mp4(frames, fps, buffer, crf)
+    return buffer.getvalue()
 
 
 def save_video(frames, fps, save_path, overwrite=False):
