@@ -1,7 +1,8 @@
-"""Convert official Open-Sora v1.1 weights (PyTorch layouts) into the directories our loaders read.
+"""Convert official Open-Sora v1.1 and v1.2 weights (PyTorch layouts) into the directories our loaders read.
 
     python scripts/convert_checkpoint.py stdit2 hpcai-tech/OpenSora-STDiT-v2-stage3/ converted/stdit2
     python scripts/convert_checkpoint.py stdit2 outputs/epoch3-global_step4000/ema.pt converted/stdit2 --config configs/stdit2/xl2.json
+    python scripts/convert_checkpoint.py stdit3 hpcai-tech/OpenSora-STDiT-v3/ converted/stdit3
     python scripts/convert_checkpoint.py vae stabilityai/sd-vae-ft-ema/ converted/vae
     python scripts/convert_checkpoint.py t5 DeepFloyd/t5-v1_1-xxl/ converted/t5
 
@@ -27,8 +28,8 @@ from utils.errors import UserError, run_cli  # noqa: E402
 from utils.io import atomic_path, write_text_atomic  # noqa: E402
 
 # Keys that `transformers` (any version: "torch_dtype" became "dtype", attention settings were added) or
-# `diffusers` write into a config.json to describe the file or the runtime, not the STDiT2; plus the
-# original's `input_size`, which STDiT2 derives from the input instead.
+# `diffusers` write into a config.json to describe the file or the runtime, not the model; plus the
+# original's `input_size`, which STDiT2 and STDiT3 derive from the input instead.
 HF_BOOKKEEPING = {
     "architectures", "model_type", "auto_map", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
     "_commit_hash", "_attn_implementation", "_attn_implementation_autoset", "_attn_implementation_internal",
@@ -120,24 +121,38 @@ def layer_layout(model):
 # ---------------------------------------------------------------------------------------- models
 
 
-def convert_stdit2(source, output, config_path=None, nested_key=None):
+def stdit_model(kind):
+    """(model class, config class, what the official checkpoint is) of an STDiT subcommand."""
+    if kind == "stdit2":
+        from models.stdit.stdit2 import STDiT2, STDiT2Config
+
+        return STDiT2, STDiT2Config, "an Open-Sora v1.1 STDiT2"
+    from models.stdit.stdit3 import STDiT3, STDiT3Config
+
+    return STDiT3, STDiT3Config, "an Open-Sora v1.2 STDiT3"
+
+
+def convert_stdit(kind, source, output, config_path=None, nested_key=None):
+    """An official STDiT checkpoint (hub directory with config.json, or a raw training checkpoint with
+    --config) into a directory that `from_pretrained` of our model of that kind loads."""
     import paddle
     from safetensors.numpy import save_file
 
-    from models.stdit.stdit2 import CONFIG_NAME, WEIGHTS_NAME, STDiT2, STDiT2Config
+    from models.stdit.stdit2 import CONFIG_NAME, WEIGHTS_NAME
 
+    model_class, config_class, description = stdit_model(kind)
     if os.path.isdir(source):
         values = read_json(os.path.join(source, "config.json")) if config_path is None else read_json(config_path)
     elif config_path is not None:
         values = read_json(config_path)
     else:
-        raise UserError(f"{source}: a raw checkpoint has no config; pass --config configs/stdit2/xl2.json (or your model's)")
+        raise UserError(f"{source}: a raw checkpoint has no config; pass --config configs/{kind}/xl2.json (or your model's)")
     values = {key: value for key, value in values.items() if key not in HF_BOOKKEEPING}
-    config = STDiT2Config.from_dict(
-        values, source=config_path or source, advice="these are not STDiT2 fields; is the source an Open-Sora v1.1 STDiT2?"
+    config = config_class.from_dict(
+        values, source=config_path or source, advice=f"these are not {model_class.__name__} fields; is the source {description}?"
     )
     with paddle.LazyGuard():  # names and shapes only: XL/2 is not allocated
-        shapes, linear = layer_layout(STDiT2(config))
+        shapes, linear = layer_layout(model_class(config))
     weights = convert_state_dict(read_state_dict(source, nested_key), shapes, linear)
     with atomic_path(output) as tmp:
         os.makedirs(tmp)
@@ -222,11 +237,11 @@ def main(argv):
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["stdit2", "vae", "t5"])
+    parser.add_argument("kind", choices=["stdit2", "stdit3", "vae", "t5"])
     parser.add_argument("source", help="local checkpoint directory or file")
     parser.add_argument("output", help="directory to write (replaced atomically)")
-    parser.add_argument("--config", help="stdit2: config JSON for a raw .pt/.pth checkpoint (e.g. configs/stdit2/xl2.json)")
-    parser.add_argument("--key", help="stdit2: which nested state dict of a training checkpoint to use (model, ema, module)")
+    parser.add_argument("--config", help="stdit2/stdit3: config JSON for a raw .pt/.pth checkpoint (e.g. configs/stdit3/xl2.json)")
+    parser.add_argument("--key", help="stdit2/stdit3: which nested state dict of a training checkpoint to use (model, ema, module)")
     args = parser.parse_args(argv)
     from utils.runtime import quiet_library_logs
 
@@ -234,8 +249,8 @@ def main(argv):
     if not os.path.exists(args.source):
         raise UserError(f"{args.source}: not found locally. Hub names cannot be fetched here: download the files "
                         "where there is network and pass the local path")
-    if args.kind == "stdit2":
-        convert_stdit2(args.source, args.output, args.config, args.key)
+    if args.kind in ("stdit2", "stdit3"):
+        convert_stdit(args.kind, args.source, args.output, args.config, args.key)
     elif args.kind == "vae":
         convert_vae(args.source, args.output)
     else:

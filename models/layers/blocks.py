@@ -1,6 +1,6 @@
-"""Building blocks of STDiT2.
+"""Building blocks of STDiT2 and STDiT3.
 
-Parameter names and shapes follow Open-Sora v1.1 (`opensora/models/layers/blocks.py`) so that converted
+Parameter names and shapes follow Open-Sora v1.1 and v1.2 (`opensora/models/layers/blocks.py`) so that converted
 checkpoints load one-to-one. Paddle's `nn.Linear` stores its weight as [in, out], the transpose of PyTorch's;
 the converter handles that, nothing here depends on it.
 """
@@ -166,11 +166,13 @@ def apply_rotary(x, cos, sin, rotation):
 class Attention(nn.Layer):
     """Self-attention with optional qk-norm and rotary embedding; input and output [B, N, C].
 
-    With `use_rope`, forward takes the rotary (cos, sin) tables of the sequence length; as in the original,
-    the rotation is applied before qk-norm.
+    With `use_rope`, forward takes the rotary (cos, sin) tables of the sequence length. Open-Sora v1.1 rotates
+    queries and keys before their qk-norm; v1.2 (STDiT3) normalises first, which `rope_after_qk_norm` selects.
     """
 
-    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_norm=False, use_rope=False, attn_drop=0.0):
+    def __init__(
+        self, dim, num_heads=8, qkv_bias=False, qk_norm=False, use_rope=False, attn_drop=0.0, rope_after_qk_norm=False
+    ):
         super().__init__()
         assert dim % num_heads == 0, "dim must be divisible by num_heads"
         self.dim = dim
@@ -183,15 +185,19 @@ class Attention(nn.Layer):
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.use_rope = use_rope
+        self.rope_after_qk_norm = rope_after_qk_norm
 
     def forward(self, x, rope_cos_sin=None):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape([B, N, 3, self.num_heads, self.head_dim])
         q, k, v = qkv.unbind(axis=2)  # [B, N, H, D]
+        if self.rope_after_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             q = apply_rotary(q, *rope_cos_sin)
             k = apply_rotary(k, *rope_cos_sin)
-        q, k = self.q_norm(q), self.k_norm(k)
+        if not self.rope_after_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         x = attention(q, k, v, dropout_p=self.attn_drop, training=self.training)
         return self.proj(x.reshape([B, N, C]))
 

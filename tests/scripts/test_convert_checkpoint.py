@@ -11,7 +11,7 @@ import paddle
 import pytest
 from safetensors.numpy import save_file
 
-from scripts.convert_checkpoint import convert_state_dict, convert_stdit2, convert_t5, convert_vae, layer_layout
+from scripts.convert_checkpoint import convert_state_dict, convert_stdit, convert_t5, convert_vae, layer_layout
 from utils.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,16 +56,74 @@ def test_stdit2_raw_training_checkpoint_needs_a_config_and_names_bad_keys(tmp_pa
     config = tmp_path / "config.json"
     config.write_text(json.dumps({k: v for k, v in ORIGINAL_CONFIG.items() if k != "input_size"}))
     with pytest.raises(UserError, match="pass --config"):
-        convert_stdit2(str(tmp_path / "ema.safetensors"), str(tmp_path / "out"))
-    convert_stdit2(str(tmp_path / "ema.safetensors"), str(tmp_path / "out"), config_path=str(config))
+        convert_stdit("stdit2", str(tmp_path / "ema.safetensors"), str(tmp_path / "out"))
+    convert_stdit("stdit2", str(tmp_path / "ema.safetensors"), str(tmp_path / "out"), config_path=str(config))
     assert (tmp_path / "out" / "model.safetensors").exists()
 
     broken = dict(weights)
     broken["blocks.0.attn.extra.weight"] = broken.pop("blocks.0.attn.qkv.weight")
     save_file(broken, str(tmp_path / "broken.safetensors"))
     with pytest.raises(UserError, match=r"unused source keys: blocks\.0\.attn\.extra\.weight.*not filled: blocks\.0\.attn\.qkv\.weight"):
-        convert_stdit2(str(tmp_path / "broken.safetensors"), str(tmp_path / "out2"), config_path=str(config))
+        convert_stdit("stdit2", str(tmp_path / "broken.safetensors"), str(tmp_path / "out2"), config_path=str(config))
     assert not (tmp_path / "out2").exists()
+
+
+STDIT3_FIXTURE = os.path.join(REPO, "tests", "fixtures", "stdit3_parity.npz")
+ORIGINAL_STDIT3_CONFIG = dict(  # the fields and bookkeeping keys of the hub's OpenSora-STDiT-v3 config.json, tiny sizes
+    architectures=["STDiT3"], caption_channels=32, class_dropout_prob=0.1, depth=2, drop_path=0.0,
+    enable_flash_attn=True, enable_layernorm_kernel=True, enable_sequence_parallelism=False, freeze_y_embedder=True,
+    hidden_size=48, in_channels=4, input_size=[None, None, None], input_sq_size=32, mlp_ratio=2.0, model_max_length=12,
+    model_type="STDiT3", num_heads=2, only_train_temporal=False, patch_size=[1, 2, 2], pred_sigma=True, qk_norm=True,
+    skip_y_embedder=False, torch_dtype="float32", transformers_version="4.36.2",
+)
+
+
+def original_stdit3_weights():
+    """The original PyTorch STDiT3's state dict (official key names, PyTorch layouts) and the fixture."""
+    fixture = np.load(STDIT3_FIXTURE)
+    return {k[len("weight/"):]: fixture[k] for k in fixture.files if k.startswith("weight/")}, fixture
+
+
+def test_stdit3_hf_directory_converts_to_the_original_outputs(tmp_path):
+    from models.stdit.stdit3 import STDiT3
+
+    weights, fixture = original_stdit3_weights()
+    source = tmp_path / "OpenSora-STDiT-v3-tiny"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps(ORIGINAL_STDIT3_CONFIG))
+    save_file(weights, str(source / "model.safetensors"))
+    # In process: the command line around it is the one stdit2's test runs.
+    convert_stdit("stdit3", str(source), str(tmp_path / "out"))
+    converted_config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert converted_config["freeze_y_embedder"] is True and "model_type" not in converted_config
+    model = STDiT3.from_pretrained(str(tmp_path / "out"))
+    model.eval()
+    size = {k[len("size/"):]: paddle.to_tensor(fixture[k]) for k in fixture.files if k.startswith("size/")}
+    out = model(*(paddle.to_tensor(fixture[k]) for k in ("x", "timestep", "y")), mask=paddle.to_tensor(fixture["mask"]),
+                x_mask=paddle.to_tensor(fixture["x_mask"]), **size)
+    np.testing.assert_allclose(out.numpy(), fixture["out_x_mask"], rtol=1e-4, atol=1e-4 * np.abs(fixture["out_x_mask"]).max())
+
+
+def test_stdit3_incomplete_checkpoint_is_refused_in_one_line_naming_the_missing_keys(tmp_path):
+    weights, _ = original_stdit3_weights()
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(ORIGINAL_STDIT3_CONFIG))
+    incomplete = {k: v for k, v in weights.items() if k not in ("temporal_blocks.1.mlp.fc2.weight", "fps_embedder.mlp.0.bias")}
+    save_file(incomplete, str(tmp_path / "ema.safetensors"))
+    with pytest.raises(UserError) as refused:
+        convert_stdit("stdit3", str(tmp_path / "ema.safetensors"), str(tmp_path / "out"), config_path=str(config))
+    message = str(refused.value)
+    assert "\n" not in message and "2 target keys not filled" in message
+    assert "fps_embedder.mlp.0.bias" in message and "temporal_blocks.1.mlp.fc2.weight" in message
+    assert not (tmp_path / "out").exists()
+
+    # An Open-Sora v1.1 config is not an STDiT3's; a raw checkpoint needs one.
+    v11_config = tmp_path / "v11.json"
+    v11_config.write_text(json.dumps(ORIGINAL_CONFIG))
+    with pytest.raises(UserError, match=r"unknown STDiT3 config keys \['freeze', 'no_temporal_pos_emb'\].*Open-Sora v1.2 STDiT3"):
+        convert_stdit("stdit3", str(tmp_path / "ema.safetensors"), str(tmp_path / "out"), config_path=str(v11_config))
+    with pytest.raises(UserError, match="pass --config configs/stdit3/xl2.json"):
+        convert_stdit("stdit3", str(tmp_path / "ema.safetensors"), str(tmp_path / "out"))
 
 
 def test_vae_diffusers_layout_with_old_attention_names(tmp_path):
