@@ -461,7 +461,7 @@ class STDiT2(nn.Layer):
                 if names:
                     problems.append(f"{len(names)} {label} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
             raise UserError(
-                f"{weights_path}: weights do not match the STDiT2 config: {'; '.join(problems)}; check that "
+                f"{weights_path}: weights do not match the {type(self).__name__} config: {'; '.join(problems)}; check that "
                 "config.json belongs to these weights"
             )
         self.set_state_dict({name: paddle.to_tensor(array).astype(state[name].dtype) for name, array in weights.items()})
