@@ -23,11 +23,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MUTANTS = (
     "schedulers.*",
     "utils.io.*",
-    "utils.inference_utils.x_parse_mask_strategy__*",
-    "utils.inference_utils.x_resolve_start__*",
-    "utils.inference_utils.x_validate_mask_strategy__*",
-    "utils.inference_utils.x_apply_mask_strategy__*",
-    "utils.inference_utils.x_add_loop_condition__*",
+    "utils.media.*",
+    "pipelines.open_sora.cli.x_split_json_tail__*",
+    "pipelines.open_sora.cli.x_texts_per_loop__*",
+    "pipelines.open_sora.cli.x_parse_mask_strategy__*",
+    "pipelines.open_sora.cli.x_plan_jobs__*",
+    "pipelines.open_sora.conditioning.*",
     "dataset.datasets.xǁVariableVideoTextDatasetǁload__*",
     "trainer.trainer.xǁExponentialMovingAverageǁ*",
 )

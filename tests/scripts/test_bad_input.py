@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
+from pipelines.open_sora.cli import run_inference
 from utils.errors import run_cli
-from utils.generation import run_inference
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPT = "a red circle"
@@ -48,7 +48,7 @@ CASES = [
     ("too many fields", ["--prompt", ref("assets/images/condition/wave.png", "0,0,0,0,1,0,1")], "1 to 6"),
     ("not a number", ["--prompt", ref("assets/images/condition/wave.png", "0,x")], "must be numbers"),
     ("reference index", ["--prompt", ref("assets/images/condition/wave.png", "0,1")], "m_id 1 has no reference"),
-    ("past the end of the clip", ["--prompt", ref("assets/videos/d0_proc.mp4", "0,0,0,0,10"), "--num-frames", "8"], "do not fit in --num-frames 8"),
+    ("past the end of the clip", ["--prompt", ref("assets/videos/d0_proc.mp4", "0,0,0,0,10"), "--num-frames", "8"], "target frames 0..9 do not fit in a clip of 8 frames"),
     ("past the end of the reference", ["--prompt", ref("assets/videos/d0_proc.mp4", "0,0,0,0,20"), "--num-frames", "24"], "outside reference 0"),
     ("edit ratio", ["--prompt", ref("assets/images/condition/wave.png", "0,0,0,0,1,1.2")], "edit_ratio 1.2"),
     ("missing reference", ["--prompt", ref("nowhere.png")], "file not found"),

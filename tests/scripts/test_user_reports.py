@@ -15,9 +15,10 @@ import pytest
 from safetensors.numpy import save_file
 
 from models.stdit.stdit2 import STDiT2Config
+from pipelines.open_sora.cli import split_json_tail, texts_per_loop
+from pipelines.open_sora.pipeline_open_sora import OpenSoraPipeline
 from trainer.setup import resolve_diffusion_settings
 from utils.errors import UserError
-from utils.inference_utils import process_prompts
 from utils.io import atomic_path, write_text_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -184,10 +185,13 @@ def test_the_same_command_gives_identical_frames_whatever_the_thread_count(tmp_p
 
 
 def test_prompts_are_cleaned_as_the_original_cleans_them_before_t5():
-    prompts = process_prompts(["A <b>Sunset</b> over the CITY https://example.com", "|0|A Dog|1|a  cat"], 2)
-    assert prompts == [["a sunset over the city"] * 2, ["a dog", "a cat"]]
+    # the command line splits the prompts per loop; the pipeline cleans every text before T5
+    texts = [texts_per_loop(split_json_tail(prompt)[0], 2) for prompt in
+             ["A <b>Sunset</b> over the CITY https://example.com", '|0|A Dog|1|a  cat{"mask_strategy": "0"}']]
+    assert OpenSoraPipeline.prompts_per_loop(texts, 2) == [["a sunset over the city"] * 2, ["a dog", "a cat"]]
+    assert OpenSoraPipeline.prompts_per_loop("A <b>Sunset</b>", 2) == [["a sunset"] * 2]
     with pytest.raises(UserError, match="nothing is left after caption cleaning"):
-        process_prompts(["### @@@"], 1)
+        OpenSoraPipeline.prompts_per_loop([texts_per_loop("|0|a dog|1|### @@@", 2)], 2)
 
 
 def test_committed_benchmark_results_hold_no_machine_paths():
