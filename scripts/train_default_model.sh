@@ -31,9 +31,10 @@ step 1 "toy data set" && "$python" scripts/make_synthetic_data.py --output-dir "
 # 2. Tokenizer trained on the captions + small random-init T5 encoder (seconds).
 step 2 "text encoder" && "$python" scripts/make_text_encoder.py --output-dir "$parts_dir/text_encoder" --seed 0
 
-# 3. Image VAE on the frames of the training clips and as many random colour frames (train_vae.py says why).
+# 3. Image VAE (4x down: 64x64 frames -> 16x16x4 latents, which keep the edges of 14-20 px objects) on the frames
+#    of the training clips and as many random colour frames (train_vae.py says why).
 step 3 "VAE" && "$python" scripts/train_vae.py --data-dir "$data_dir" --output-dir "$parts_dir/vae" --seed 0 \
-    --steps 1600 --colour-fraction 0.5 --lowpass-weight 1.0
+    --steps 2000 --block-out-channels 16 32 48 --colour-fraction 0.5 --lowpass-weight 1.0
 
 # 4-6. STDiT2 with the real training script, in two cosine cycles: the second restarts from the first one's EMA
 #    weights at half the peak learning rate; its final (not EMA) weights are shipped, which followed the
@@ -41,7 +42,8 @@ step 3 "VAE" && "$python" scripts/train_vae.py --data-dir "$data_dir" --output-d
 #    so the clips are encoded once (posterior mean and std) instead of at every step; each step still draws a
 #    fresh latent. Rectified flow with the v1.2 timestep shift (x3 at 64x64x16: scale 6 times the base 0.5), so
 #    more steps train the high noise levels where a clip's layout and motion are decided; v1.1 frame masks with
-#    more conditioning (image/connect/extend/edit).
+#    more conditioning (image/connect/extend/edit). Patches of 1x4x4 latents (configs/stdit2/demo.json) keep 16
+#    tokens per frame on the 4x VAE's 16x16 latents.
 stdit2_recipe=(
     --latent_data_path "$data_dir/latents/latents.csv" --vae_path "$parts_dir/vae"
     --text_encoder_path "$parts_dir/text_encoder" --sampler rflow
