@@ -4,15 +4,18 @@
     python scripts/convert_checkpoint.py stdit2 outputs/epoch3-global_step4000/ema.pt converted/stdit2 --config configs/stdit2/xl2.json
     python scripts/convert_checkpoint.py stdit3 hpcai-tech/OpenSora-STDiT-v3/ converted/stdit3
     python scripts/convert_checkpoint.py vae stabilityai/sd-vae-ft-ema/ converted/vae
+    python scripts/convert_checkpoint.py vae-v1.2 hpcai-tech/OpenSora-VAE-v1.2/ converted/vae-v1.2
     python scripts/convert_checkpoint.py t5 DeepFloyd/t5-v1_1-xxl/ converted/t5
 
 Sources are local files (download them where there is network, e.g. with `huggingface-cli download`).
 Names are kept; the one layout difference is that PyTorch stores a Linear weight as [out, in] and Paddle as
 [in, out], so Linear weights are transposed and nothing else is (convolutions and embeddings keep their
 layout). Every source tensor must be used exactly once and every target tensor filled exactly once, with
-the right shape; otherwise nothing is written and the offending keys are named.
+the right shape; otherwise nothing is written and the offending keys are named. (The v1.2 VAE's `scale` and
+`shift` tensors are used as config values.)
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -37,6 +40,10 @@ HF_BOOKKEEPING = {
     "_class_name", "_diffusers_version", "input_size",
 }
 NESTED_STATE_KEYS = ("model", "ema", "module", "state_dict")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The fields of the original's `VideoAutoencoderPipelineConfig`, what the config.json of an official v1.2 VAE
+# holds besides bookkeeping.
+ORIGINAL_VAE_V1_2_FIELDS = {"vae_2d", "vae_temporal", "from_pretrained", "freeze_vae_2d", "cal_loss", "micro_frame_size", "shift", "scale"}
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -183,6 +190,43 @@ def convert_vae(source, output):
         model.save_pretrained(tmp)
 
 
+def convert_vae_v1_2(source, output, config_path=None, nested_key=None):
+    """An official Open-Sora v1.2 VAE (`hpcai-tech/OpenSora-VAE-v1.2`: the original's config.json and weights;
+    or a checkpoint file) into a directory that `VideoAutoencoderV1_2.from_pretrained` loads.
+
+    The original's config.json names its two VAEs (`vae_2d`: an image VAE on the hub; `vae_temporal`:
+    `VAE_Temporal_SD`) without their sizes; those come from `config_path` (default: the released model's,
+    configs/vae_v1_2/official.json, whose spatial `scaling_factor` is the 0.18215 the original applies).
+    `micro_frame_size`, `scale` and `shift` come from the original's config.json; the checkpoint's own `scale`
+    and `shift` tensors win over it, as they do when the original loads its checkpoint. Parameter names are the
+    original's (`spatial_vae.module.*`, `temporal_vae.*`)."""
+    import paddle
+    from safetensors.numpy import save_file
+
+    from models.vae.vae_v1_2 import CONFIG_NAME, WEIGHTS_NAME, VideoAutoencoderV1_2, VideoAutoencoderV1_2Config
+
+    config = VideoAutoencoderV1_2Config.from_json_file(config_path or os.path.join(REPO, "configs", "vae_v1_2", "official.json"))
+    settings = {}
+    if os.path.isfile(os.path.join(source, "config.json")):  # a hub directory; a training output has none
+        original = {key: value for key, value in read_json(os.path.join(source, "config.json")).items() if key not in HF_BOOKKEEPING}
+        unknown = sorted(set(original) - ORIGINAL_VAE_V1_2_FIELDS)
+        if unknown:
+            raise UserError(f"{source}: config.json keys {unknown[:5]} are not fields of the original's VideoAutoencoderPipelineConfig; "
+                            "is the source an Open-Sora v1.2 VAE?")
+        settings = {key: original[key] for key in ("micro_frame_size", "scale", "shift") if key in original}
+    state = read_state_dict(source, nested_key)
+    # str() of a float32 is its shortest decimal (3.85, not 3.8499999046325684): config.json stays readable.
+    settings.update({key: [float(str(value)) for value in state.pop(key).ravel()] for key in ("scale", "shift") if key in state})
+    config = dataclasses.replace(config, **settings)
+    with paddle.LazyGuard():  # names and shapes only
+        shapes, linear = layer_layout(VideoAutoencoderV1_2(config))
+    weights = convert_state_dict(state, shapes, linear, rename=old_attention_names)
+    with atomic_path(output) as tmp:
+        os.makedirs(tmp)
+        save_file(weights, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "paddle"})
+        write_text_atomic(os.path.join(tmp, CONFIG_NAME), json.dumps(config.to_dict(), indent=2) + "\n")
+
+
 def t5_encoder_layout(config):
     """Names and Paddle shapes of a T5 encoder's weights, and which are Linear, computed from its config
     (T5-XXL's encoder has 4.7B parameters: it is not built just to read its layout)."""
@@ -237,11 +281,12 @@ def main(argv):
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["stdit2", "stdit3", "vae", "t5"])
+    parser.add_argument("kind", choices=["stdit2", "stdit3", "vae", "vae-v1.2", "t5"])
     parser.add_argument("source", help="local checkpoint directory or file")
     parser.add_argument("output", help="directory to write (replaced atomically)")
-    parser.add_argument("--config", help="stdit2/stdit3: config JSON for a raw .pt/.pth checkpoint (e.g. configs/stdit3/xl2.json)")
-    parser.add_argument("--key", help="stdit2/stdit3: which nested state dict of a training checkpoint to use (model, ema, module)")
+    parser.add_argument("--config", help="stdit2/stdit3: config JSON for a raw .pt/.pth checkpoint (e.g. configs/stdit3/xl2.json); "
+                        "vae-v1.2: the sizes of its two VAEs (default configs/vae_v1_2/official.json)")
+    parser.add_argument("--key", help="stdit2/stdit3/vae-v1.2: which nested state dict of a training checkpoint to use (model, ema, module)")
     args = parser.parse_args(argv)
     from utils.runtime import quiet_library_logs
 
@@ -253,6 +298,8 @@ def main(argv):
         convert_stdit(args.kind, args.source, args.output, args.config, args.key)
     elif args.kind == "vae":
         convert_vae(args.source, args.output)
+    elif args.kind == "vae-v1.2":
+        convert_vae_v1_2(args.source, args.output, args.config, args.key)
     else:
         convert_t5(args.source, args.output)
     print(args.output)

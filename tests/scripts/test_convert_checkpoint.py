@@ -11,7 +11,7 @@ import paddle
 import pytest
 from safetensors.numpy import save_file
 
-from scripts.convert_checkpoint import convert_state_dict, convert_stdit, convert_t5, convert_vae, layer_layout
+from scripts.convert_checkpoint import convert_state_dict, convert_stdit, convert_t5, convert_vae, convert_vae_v1_2, layer_layout
 from utils.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -144,6 +144,63 @@ def test_vae_diffusers_layout_with_old_attention_names(tmp_path):
     converted.eval()
     x = paddle.randn([1, 3, 16, 16])
     np.testing.assert_allclose(converted.encode(x).latent_dist.mean.numpy(), model.encode(x).latent_dist.mean.numpy(), rtol=1e-5, atol=1e-6)
+
+
+VAE_V1_2_FIXTURE = os.path.join(REPO, "tests", "fixtures", "vae_v1_2_parity.npz")
+VAE_V1_2_TINY = os.path.join(REPO, "configs", "vae_v1_2", "tiny.json")
+ORIGINAL_VAE_V1_2_CONFIG = dict(  # what the original's VideoAutoencoderPipelineConfig writes for OpenSoraVAE_V1_2
+    architectures=["VideoAutoencoderPipeline"], model_type="VideoAutoencoderPipeline", torch_dtype="float32",
+    transformers_version="4.36.2", cal_loss=False, freeze_vae_2d=False, from_pretrained=None, micro_frame_size=17,
+    scale=[3.85, 2.32, 2.33, 3.06], shift=[-0.1, 0.34, 0.27, 0.98],
+    vae_2d=dict(type="VideoAutoencoderKL", from_pretrained="PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers", subfolder="vae",
+                micro_batch_size=4, local_files_only=False),
+    vae_temporal=dict(type="VAE_Temporal_SD", from_pretrained=None),
+)
+
+
+def original_vae_v1_2_directory(path, config=ORIGINAL_VAE_V1_2_CONFIG, drop=()):
+    """A hub-layout directory (the original's config.json and state dict, `scale`/`shift` buffers included) of the
+    tiny VAE of the parity fixture; returns the fixture."""
+    fixture = np.load(VAE_V1_2_FIXTURE)
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    weights = {k[len("weight/"):]: fixture[k] for k in fixture.files if k.startswith("weight/") and k[len("weight/"):] not in drop}
+    save_file(weights, str(path / "model.safetensors"))
+    return fixture
+
+
+def test_vae_v1_2_hub_directory_converts_to_the_original_outputs(tmp_path):
+    from models.vae.vae_v1_2 import VideoAutoencoderV1_2
+
+    # The checkpoint's scale/shift tensors, not the config's numbers, are what the original computes with.
+    fixture = original_vae_v1_2_directory(tmp_path / "OpenSora-VAE-v1.2", {**ORIGINAL_VAE_V1_2_CONFIG, "scale": 1.0, "shift": 0.0})
+    convert_vae_v1_2(str(tmp_path / "OpenSora-VAE-v1.2"), str(tmp_path / "out"), config_path=VAE_V1_2_TINY)
+    converted_config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert converted_config["scale"] == [3.85, 2.32, 2.33, 3.06] and converted_config["micro_frame_size"] == 17
+    vae = VideoAutoencoderV1_2.from_pretrained(str(tmp_path / "out"), micro_batch_size=4)
+    z = vae.encode(paddle.to_tensor(fixture["encode/partial_chunk/x"]), sample_posterior=False)
+    expected = fixture["encode/partial_chunk/z"]
+    np.testing.assert_allclose(z.numpy(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    x = vae.decode(paddle.to_tensor(fixture["decode/two_chunks/z"]), num_frames=34)
+    expected = fixture["decode/two_chunks/x"]
+    np.testing.assert_allclose(x.numpy(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_vae_v1_2_wrong_or_incomplete_checkpoints_are_refused_in_one_line(tmp_path):
+    missing = ("temporal_vae.decoder.conv_blocks.1.conv.bias", "spatial_vae.module.decoder.conv_out.weight")
+    original_vae_v1_2_directory(tmp_path / "incomplete", drop=missing)
+    with pytest.raises(UserError) as refused:
+        convert_vae_v1_2(str(tmp_path / "incomplete"), str(tmp_path / "out"), config_path=VAE_V1_2_TINY)
+    message = str(refused.value)
+    assert "\n" not in message and "2 target keys not filled" in message and all(key in message for key in missing)
+    # The tiny weights against the released sizes (the default): the shapes disagree.
+    with pytest.raises(UserError, match=r"shape mismatches: spatial_vae\.module\..* -> .*\[512\]"):
+        convert_vae_v1_2(str(tmp_path / "incomplete"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+    original_vae_v1_2_directory(tmp_path / "stdit3", config=ORIGINAL_STDIT3_CONFIG)
+    with pytest.raises(UserError, match=r"config.json keys \['caption_channels', .* not fields of the original's VideoAutoencoderPipelineConfig"):
+        convert_vae_v1_2(str(tmp_path / "stdit3"), str(tmp_path / "out"), config_path=VAE_V1_2_TINY)
 
 
 def test_t5_transformers_layout_skips_the_decoder(tmp_path, tiny_models):
