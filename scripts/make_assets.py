@@ -16,9 +16,9 @@ import argparse
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dataset import synthetic
 from utils.errors import run_cli
 from utils.io import atomic_path, write_text_atomic
+from utils.media import encode_mp4
 
 IMAGE_SIZE = (224, 300)  # height, width
 VIDEO_SIZE = (256, 256)
@@ -134,7 +134,7 @@ def make_assets(assets_dir):
     frames = render_car_over_water(VIDEO_FRAMES, *VIDEO_SIZE)
     with atomic_path(os.path.join(assets_dir, "videos", "d0_proc.mp4")) as tmp_path:
         with open(tmp_path, "wb") as f:
-            f.write(synthetic.encode_mp4(frames, VIDEO_FPS))
+            f.write(encode_mp4(frames, VIDEO_FPS, crf=12))
     write_text_atomic(os.path.join(assets_dir, "texts", "t2v_samples.txt"), "\n".join(PROMPTS) + "\n")
 
 

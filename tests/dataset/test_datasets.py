@@ -3,7 +3,7 @@ import pytest
 
 from dataset.datasets import VariableVideoTextDataset, collate_batch, read_meta_csv
 from dataset.sampler import FixedSizeBatchSampler
-from dataset.synthetic import encode_mp4
+from utils.media import encode_mp4
 from utils.errors import UserError
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import paddle
 import pytest
 
-from dataset import synthetic
+from toy_world import synthetic
 from models.text_encoder.t5 import T5Encoder
 from models.vae.vae import VideoAutoencoderKL
 
@@ -139,7 +139,7 @@ def test_default_command_with_few_steps(tmp_path):
 def test_evaluation_script_on_a_few_prompts(tmp_path):
     output = tmp_path / "eval.json"
     result = subprocess.run(
-        [sys.executable, "scripts/evaluate.py", "--num-prompts", "2", "--seeds", "3", "4", "--output", str(output)],
+        [sys.executable, "toy_world/evaluate.py", "--num-prompts", "2", "--seeds", "3", "4", "--output", str(output)],
         cwd=REPO, capture_output=True, text=True, timeout=1200,
     )
     assert result.returncode == 0, result.stderr[-2000:]

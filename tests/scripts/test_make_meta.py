@@ -6,7 +6,7 @@ import sys
 import numpy as np
 
 from dataset.datasets import VariableVideoTextDataset
-from dataset.synthetic import encode_mp4
+from utils.media import encode_mp4
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -8,7 +8,7 @@ import numpy as np
 import paddle
 from safetensors.numpy import load_file, save_file
 
-from dataset.synthetic import write_dataset
+from toy_world.synthetic import write_dataset
 from trainer.trainer import ExponentialMovingAverage
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from dataset.synthetic import write_dataset
+from toy_world.synthetic import write_dataset
 from trainer.trainer import checkpoints_to_delete
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -10,7 +10,7 @@ import paddle
 import pytest
 from safetensors.numpy import load_file
 
-from dataset.synthetic import write_dataset
+from toy_world.synthetic import write_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "scripts", "trainer_opensora.py")

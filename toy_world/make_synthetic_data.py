@@ -1,6 +1,6 @@
 """Render the captioned toy video data set (moving coloured shapes) used to train the demo model.
 
-    python scripts/make_synthetic_data.py --output-dir /work/data/synthetic --num-clips 2000 --seed 0
+    python toy_world/make_synthetic_data.py --output-dir /work/data/synthetic --num-clips 2000 --seed 0
 """
 
 import os
@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import argparse
 import time
 
-from dataset import synthetic
+from toy_world import synthetic
 from utils.errors import run_cli
 
 

@@ -1,6 +1,6 @@
 """Build the demo model's text encoder: a tiny sentencepiece tokenizer and a small random-init T5 encoder.
 
-    python scripts/make_text_encoder.py --output-dir assets/default_model/text_encoder
+    python toy_world/make_text_encoder.py --output-dir assets/default_model/text_encoder
 
 The tokenizer is trained on every caption the synthetic data set can produce, so each caption word becomes
 one token; byte fallback spells any other text in byte tokens instead of <unk>. Ids follow T5: pad=0, eos=1,
@@ -19,7 +19,7 @@ import argparse
 import io
 import tempfile
 
-from dataset import synthetic
+from toy_world import synthetic
 from utils.errors import UserError, run_cli
 from utils.io import atomic_path
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from dataset.synthetic import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, render_clip, sample_clip
-from utils.evaluation import (
+from toy_world.synthetic import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, render_clip, sample_clip
+from toy_world.evaluation import (
     colour_matches,
     direction_matches,
     dominant_colour,

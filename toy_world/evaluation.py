@@ -1,4 +1,4 @@
-"""Measurements on decoded frames of the toy world of `dataset.synthetic`: which colour the moving object
+"""Measurements on decoded frames of the toy world of `toy_world.synthetic`: which colour the moving object
 has, which way it moves, and how close conditioned frames are to their references.
 
 Frames are float arrays [T, H, W, 3] with values in [0, 255] (or [3, T, H, W] in [-1, 1], see
@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from dataset.synthetic import COLOURS, DIRECTIONS
+from toy_world.synthetic import COLOURS, DIRECTIONS
 
 # A pixel belongs to the object when it is this far (RGB distance) from the background colour.
 OBJECT_THRESHOLD = 60.0
@@ -111,7 +111,7 @@ def hsv(rgb):
 
 
 def colour_matches(frames, colour):
-    """Strict judge: does the object look `colour` (a `dataset.synthetic.COLOURS` name)?"""
+    """Strict judge: does the object look `colour` (a `toy_world.synthetic.COLOURS` name)?"""
     rgb = object_colour(frames)
     if rgb is None:
         return False
@@ -139,7 +139,7 @@ def object_path(frames):
 
 
 def direction_matches(frames, direction):
-    """Strict judge: does the object travel `direction` (a `dataset.synthetic.DIRECTIONS` name)?"""
+    """Strict judge: does the object travel `direction` (a `toy_world.synthetic.DIRECTIONS` name)?"""
     path = object_path(frames)
     if path is None:
         return False

@@ -5,9 +5,9 @@ import numpy as np
 import paddle
 from paddlenlp.transformers import T5EncoderModel, T5Tokenizer
 
-from dataset import synthetic
+from toy_world import synthetic
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "make_text_encoder.py")
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "toy_world", "make_text_encoder.py")
 
 
 def load_script():

@@ -1,8 +1,8 @@
 """How much a toy-world STDiT2 listens to each attribute of its caption.
 
-    python scripts/caption_sensitivity.py --data-path data/synthetic/train.csv --num-clips 48
+    python toy_world/caption_sensitivity.py --data-path data/synthetic/train.csv --num-clips 48
 
-For clips of the toy world (dataset/synthetic.py) it computes the model's diffusion loss with the true caption
+For clips of the toy world (toy_world/synthetic.py) it computes the model's diffusion loss with the true caption
 and with the caption changed in one attribute: the opposite direction, a perpendicular direction, another
 colour. Noise and noise levels are fixed, so the columns differ only by the caption. A model that uses a word
 has a clearly higher loss when the word is wrong; equal losses mean the word is ignored. Each noise level is
@@ -26,7 +26,7 @@ PERPENDICULAR = {"left": "up", "right": "down", "up": "right", "down": "left"}
 
 def changed_captions(texts):
     """{variant name: captions}, each variant changing one attribute of every caption."""
-    from dataset import synthetic
+    from toy_world import synthetic
 
     colours = list(synthetic.COLOURS)
 
@@ -88,7 +88,7 @@ def main(argv):
     from utils.runtime import configure_cpu_runtime
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-path", required=True, help="meta CSV of toy-world clips (scripts/make_synthetic_data.py)")
+    parser.add_argument("--data-path", required=True, help="meta CSV of toy-world clips (toy_world/make_synthetic_data.py)")
     parser.add_argument("--model-path", default=DEFAULT_MODEL_DIR, help="STDiT2 or pipeline directory")
     parser.add_argument("--vae-path", default=os.path.join(DEFAULT_MODEL_DIR, "vae"))
     parser.add_argument("--text-encoder-path", default=os.path.join(DEFAULT_MODEL_DIR, "text_encoder"))

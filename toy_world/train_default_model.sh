@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the shipped demo model (assets/default_model) from nothing, on CPU.
-#   bash scripts/train_default_model.sh [DATA_DIR]
+#   bash toy_world/train_default_model.sh [DATA_DIR]
 # DATA_DIR (default: data/synthetic) receives the rendered toy videos; it is not part of the repo.
 # MODEL_DIR (default: assets/default_model) and RESULTS_DIR (default: assets/results) receive the model (a pipeline
 # directory) and the evaluation strips; point them elsewhere to build a candidate without touching the shipped model.
@@ -26,14 +26,14 @@ step() {
 }
 
 # 1. Toy data set: 2000 training clips, captioned the ways people write, + the held-out combinations (~20 s).
-step 1 "toy data set" && "$python" scripts/make_synthetic_data.py --output-dir "$data_dir" --num-clips 2000 --seed 0
+step 1 "toy data set" && "$python" toy_world/make_synthetic_data.py --output-dir "$data_dir" --num-clips 2000 --seed 0
 
 # 2. Tokenizer trained on the captions + small random-init T5 encoder (seconds).
-step 2 "text encoder" && "$python" scripts/make_text_encoder.py --output-dir "$parts_dir/text_encoder" --seed 0
+step 2 "text encoder" && "$python" toy_world/make_text_encoder.py --output-dir "$parts_dir/text_encoder" --seed 0
 
 # 3. Image VAE (4x down: 64x64 frames -> 16x16x4 latents, which keep the edges of 14-20 px objects) on the frames
 #    of the training clips and as many random colour frames (train_vae.py says why).
-step 3 "VAE" && "$python" scripts/train_vae.py --data-dir "$data_dir" --output-dir "$parts_dir/vae" --seed 0 \
+step 3 "VAE" && "$python" toy_world/train_vae.py --data-dir "$data_dir" --output-dir "$parts_dir/vae" --seed 0 \
     --steps 2000 --block-out-channels 16 32 48 --colour-fraction 0.5 --lowpass-weight 1.0
 
 # 4-6. STDiT2 with the real training script, in two cosine cycles: the second restarts from the first one's EMA
@@ -77,7 +77,7 @@ if step 7 "ship and evaluate"; then
         rm -rf "${model_dir:?}/$part"
         cp -r "$run_dir/pipeline/$part" "$model_dir/"
     done
-    "$python" scripts/evaluate.py --num-prompts 48 --model-dir "$model_dir" \
+    "$python" toy_world/evaluate.py --num-prompts 48 --model-dir "$model_dir" \
         --output "$model_dir/evaluation.json" --strips-dir "$results_dir"
 fi
 echo "== done in ${SECONDS}s"

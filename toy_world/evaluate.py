@@ -1,12 +1,12 @@
-"""Evaluate a model of the toy world (dataset/synthetic.py) on its decoded frames.
+"""Evaluate a model of the toy world (toy_world/synthetic.py) on its decoded frames.
 
-    python scripts/evaluate.py                        # the shipped model, table on stdout
-    python scripts/evaluate.py --output eval.json --num-prompts 48 --model-dir assets/default_model
+    python toy_world/evaluate.py                        # the shipped model, table on stdout
+    python toy_world/evaluate.py --output eval.json --num-prompts 48 --model-dir assets/default_model
 
 Measures: colour and direction accuracy of text-to-video for seen and held-out colour x shape x direction
 combinations, on one prompt set per --seeds entry. Every combination drawn is prompted twice, once with the
 background phrase ("a red circle moving right on a dark background", or another word order) and once short
-("red circle heading right"). Accuracies are those of the strict judge of utils/evaluation.py (hue and
+("red circle heading right"). Accuracies are those of the strict judge of toy_world/evaluation.py (hue and
 saturation; travel along the prompted axis), with the lenient judge's beside them. Then, on the first
 seed: image condition (PSNR of the conditioned frame and of the next one against the VAE
 reconstruction of the reference image, and how often the object then moves as captioned); connect (first
@@ -34,10 +34,10 @@ def main(argv):
     import paddle
     from PIL import Image
 
-    from dataset import synthetic
+    from toy_world import synthetic
     from pipelines import Conditions, OpenSoraPipeline
     from pipelines.open_sora.settings import DEFAULT_MODEL_DIR
-    from utils import evaluation
+    from toy_world import evaluation
     from utils.errors import UserError
     from utils.io import atomic_path, write_text_atomic
     from utils.runtime import quiet_library_logs

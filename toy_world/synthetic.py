@@ -24,12 +24,12 @@ import itertools
 import json
 import os
 
-import av
 import numpy as np
 from PIL import Image, ImageDraw
 
 from utils.errors import UserError
 from utils.io import atomic_path, write_text_atomic
+from utils.media import encode_mp4
 
 # Hues far apart from each other and from every background, so a colour is readable from a single pixel.
 COLOURS = {
@@ -77,7 +77,7 @@ SPEED = 2.0
 # Edges are drawn at this multiple of the frame size and averaged down, which antialiases them.
 SUPERSAMPLING = 4
 # Near-lossless H.264 so the decoded colours stay close to the rendered ones.
-H264_CRF = "12"
+H264_CRF = 12
 
 CSV_COLUMNS = ("path", "text", "num_frames", "height", "width", "fps", "aspect_ratio")
 
@@ -151,7 +151,7 @@ def parse_caption(text):
         if caption(**found, template=template, verb=verb) == text.strip():
             return found
     raise UserError(
-        f"caption {text!r}: not written the way dataset.synthetic.caption writes captions, e.g. "
+        f"caption {text!r}: not written the way toy_world.synthetic.caption writes captions, e.g. "
         f"{caption('red', 'circle', 'left', 'dark')!r} or {caption('red', 'circle', 'left', None, short_templates()[0])!r}"
     )
 
@@ -223,23 +223,6 @@ def render_clip(clip, num_frames, height, width):
     return np.stack([render_frame(clip, t, height, width) for t in range(num_frames)])
 
 
-def encode_mp4(frames, fps):
-    """H.264 (yuv420p) mp4 bytes of frames [T, H, W, 3] uint8."""
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        # One thread: the encoded bytes then do not depend on the machine's core count.
-        stream.options = {"crf": H264_CRF, "preset": "medium", "threads": "1"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
-
-
 def write_split(output_dir, split, combinations, num_clips, seed, num_frames, height, width, fps):
     """Render `num_clips` clips cycling through `combinations`; return their meta rows."""
     split_index = {"train": 0, "heldout": 1}[split]
@@ -248,7 +231,7 @@ def write_split(output_dir, split, combinations, num_clips, seed, num_frames, he
         rng = np.random.default_rng([seed, split_index, index])
         clip = sample_clip(rng, combinations[index % len(combinations)], height, width)
         relative_path = f"videos/{split}/{index:06d}.mp4"
-        data = encode_mp4(render_clip(clip, num_frames, height, width), fps)
+        data = encode_mp4(render_clip(clip, num_frames, height, width), fps, crf=H264_CRF)
         with atomic_path(os.path.join(output_dir, relative_path)) as tmp_path:
             with open(tmp_path, "wb") as f:
                 f.write(data)

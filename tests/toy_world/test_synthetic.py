@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 
-from dataset import synthetic
+from toy_world import synthetic
 from utils.errors import UserError
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-spec = importlib.util.spec_from_file_location("train_vae", os.path.join(REPO, "scripts", "train_vae.py"))
+spec = importlib.util.spec_from_file_location("train_vae", os.path.join(REPO, "toy_world", "train_vae.py"))
 train_vae = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(train_vae)
 

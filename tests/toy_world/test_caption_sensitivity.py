@@ -9,10 +9,10 @@ import numpy as np
 import paddle
 import pytest
 
-from dataset import synthetic
+from toy_world import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-spec = importlib.util.spec_from_file_location("caption_sensitivity", os.path.join(REPO, "scripts", "caption_sensitivity.py"))
+spec = importlib.util.spec_from_file_location("caption_sensitivity", os.path.join(REPO, "toy_world", "caption_sensitivity.py"))
 caption_sensitivity = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(caption_sensitivity)
 
@@ -88,7 +88,7 @@ def test_command_writes_the_table_and_refuses_iddpm_models(tmp_path, tiny_models
     flags = ["--vae-path", tiny_models["vae"], "--text-encoder-path", tiny_models["text_encoder"],
              "--data-path", str(tmp_path / "data" / "train.csv"), "--num-clips", "2"]
     result = subprocess.run(
-        [sys.executable, "scripts/caption_sensitivity.py", "--model-path", tiny_models["stdit2"], *flags,
+        [sys.executable, "toy_world/caption_sensitivity.py", "--model-path", tiny_models["stdit2"], *flags,
          "--output", str(tmp_path / "out.json")], cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -102,7 +102,7 @@ def test_command_writes_the_table_and_refuses_iddpm_models(tmp_path, tiny_models
     defaults = json.loads((iddpm_model / "inference.json").read_text())
     (iddpm_model / "inference.json").write_text(json.dumps(dict(defaults, sampler="iddpm")))
     result = subprocess.run(
-        [sys.executable, "scripts/caption_sensitivity.py", "--model-path", str(iddpm_model), *flags],
+        [sys.executable, "toy_world/caption_sensitivity.py", "--model-path", str(iddpm_model), *flags],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr

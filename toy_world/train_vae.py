@@ -1,6 +1,6 @@
 """Train the small image VAE (ppdiffusers AutoencoderKL) of the demo model on frames of a video data set.
 
-    python scripts/train_vae.py --data-dir /work/data/synthetic --output-dir assets/default_model/vae
+    python toy_world/train_vae.py --data-dir /work/data/synthetic --output-dir assets/default_model/vae
 
 Frames come from the mp4s listed in <data-dir>/train.csv (decoded with PyAV, the same path as user data),
 mixed with random colour frames (`--colour-fraction`): objects are 5% of a toy frame's pixels and no toy
@@ -103,7 +103,7 @@ def read_video_frames(path):
 def load_frames(csv_path, max_clips=None):
     """Every frame of the videos listed in a meta CSV, [N, H, W, 3] uint8 (all videos must share one size)."""
     if not os.path.isfile(csv_path):
-        raise UserError(f"{csv_path}: no such file; run scripts/make_synthetic_data.py first")
+        raise UserError(f"{csv_path}: no such file; run toy_world/make_synthetic_data.py first")
     with open(csv_path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -208,7 +208,7 @@ def colour_report(vae, height, width):
     """Largest RGB distance (0-255) between input and reconstruction of: the mean colour of each palette
     object (every colour, shape and background of the toy world, over the pixels of the object's own colour),
     and the mean colour of frames filled with each palette or background colour."""
-    from dataset import synthetic
+    from toy_world import synthetic
 
     objects, masks = [], []
     for colour, shape, background in itertools.product(synthetic.COLOURS, synthetic.SHAPES, synthetic.BACKGROUNDS):
