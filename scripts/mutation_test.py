@@ -85,7 +85,7 @@ def module_of(mutant):
 
 
 def report(work_dir, patterns):
-    lines = subprocess.run(["mutmut", "results", "--all", "true"], cwd=work_dir, check=True, capture_output=True,
+    lines = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work_dir, check=True, capture_output=True,
                            text=True).stdout.splitlines()
     statuses = dict(line.strip().rsplit(": ", 1) for line in lines if ": " in line)
     selected = {name: status for name, status in statuses.items() if any(fnmatch.fnmatch(name, p) for p in patterns)}

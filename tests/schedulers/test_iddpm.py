@@ -312,3 +312,27 @@ def test_respacing_is_given_once():
     with pytest.raises(ValueError, match="give num_sampling_steps or timestep_respacing, not both"):
         IDDPM(num_sampling_steps=10, timestep_respacing="10")
     assert IDDPM(timestep_respacing="ddim10").timestep_map == list(range(0, 1000, 100))
+
+
+def test_config_rebuilds_the_scheduler_and_steps_can_be_changed():
+    given = dict(timestep_respacing="25", learn_sigma=True, sigma_small=True, diffusion_steps=500, cfg_scale=3.0,
+                 cfg_channel=2)
+    diffusion = IDDPM(**given)
+    assert diffusion.config == given and diffusion.num_inference_steps == 25
+    assert IDDPM(**diffusion.config).config == given
+    fewer = diffusion.with_sampling_steps(10)
+    assert fewer.config == {**given, "timestep_respacing": "10"} and fewer.num_inference_steps == 10
+    np.testing.assert_array_equal(fewer.timestep_map, IDDPM(num_sampling_steps=10, diffusion_steps=500).timestep_map)
+
+
+def test_step_callback_counts_steps_from_the_first(text_encoder, make_fake_model, size_args):
+    diffusion = IDDPM(num_sampling_steps=3, cfg_scale=1.0)
+    seen = []
+
+    def callback(step_index, t, z):
+        seen.append((step_index, int(t[0])))
+        return z
+
+    diffusion.sample(make_fake_model(), text_encoder, paddle.ones([1, 2, 3, 1, 1]), ["abc"], size_args(1),
+                     progress=False, step_callback=callback)
+    assert seen == [(0, 2), (1, 1), (2, 0)]

@@ -266,3 +266,30 @@ def test_guidance_covers_every_latent_channel(text_encoder, make_fake_model, siz
     for _ in range(2):
         expected = expected + 0.5 * (0.5 * expected + 3.0 * 0.03)
     np.testing.assert_allclose(out.numpy().ravel(), np.full(16, expected), rtol=1e-5)
+
+
+def test_config_rebuilds_the_scheduler_and_steps_can_be_changed():
+    given = dict(num_sampling_steps=7, num_timesteps=500, cfg_scale=2.5, use_discrete_timesteps=False,
+                 use_timestep_transform=True, sample_method="logit-normal", loc=0.3, scale=1.7, transform_scale=6.0,
+                 temporal_compression=4)
+    flow = RFLOW(**given)
+    assert flow.config == given
+    assert RFLOW(**flow.config).config == given
+    fewer = flow.with_sampling_steps(3)
+    assert fewer.config == {**given, "num_sampling_steps": 3} and fewer.num_inference_steps == 3
+    assert flow.num_inference_steps == 7  # the original is left as it was
+
+
+def test_step_callback_sees_every_step_and_can_replace_the_latents(text_encoder, make_fake_model, size_args):
+    flow = RFLOW(num_sampling_steps=3, cfg_scale=1.0)
+    seen = []
+
+    def callback(step_index, t, z):
+        seen.append((step_index, float(t[0])))
+        return z * 0 if step_index == 2 else z
+
+    out = flow.sample(make_fake_model(out_factor=1), text_encoder, paddle.ones([1, 2, 3, 1, 1]), ["abc"], size_args(1),
+                      progress=False, step_callback=callback)
+    assert [step for step, _ in seen] == [0, 1, 2]
+    np.testing.assert_allclose([t for _, t in seen], [1000.0, 2000.0 / 3, 1000.0 / 3], rtol=1e-6)
+    assert float(out.abs().max()) == 0.0
