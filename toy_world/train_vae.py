@@ -7,9 +7,11 @@ mixed with random colour frames (`--colour-fraction`): objects are 5% of a toy f
 frame is filled with a saturated colour, so a VAE trained on toy frames alone reproduces the backgrounds
 and shifts every object colour (the first shipped VAE turned red into orange and a red frame into grey).
 PSNR is measured on the frames of <data-dir>/heldout.csv, and the colour report on palette objects and
-solid frames (`colour_report`). After training the latent scale is measured and stored as `scaling_factor = 1 / std(latents)` in the saved config, so the diffusion model sees unit-variance
-latents. The output folder (config.json, diffusion_pytorch_model.safetensors, training_report.json) is
-replaced atomically at the end.
+solid frames (`colour_report`). After training the latent scale is measured and stored as
+`scaling_factor = 1 / std(latents)` in the saved config, so the diffusion model sees unit-variance latents.
+The output folder (config.json, diffusion_pytorch_model.safetensors, training_report.json) is replaced
+atomically at the end. Every --checkpoint-every steps the state goes to <output-dir>.partial; the same
+command run again resumes there and ends with the weights an uninterrupted run gives.
 """
 
 import os
@@ -27,6 +29,7 @@ import csv
 import itertools
 import json
 import math
+import shutil
 import time
 
 import av
@@ -35,6 +38,7 @@ import paddle
 from PIL import Image, ImageDraw
 from ppdiffusers import AutoencoderKL
 
+from toy_world import synthetic
 from utils.errors import UserError, run_cli
 from utils.io import atomic_path
 from utils.runtime import configure_cpu_runtime
@@ -86,6 +90,10 @@ def parse_args(argv):
     parser.add_argument("--init-from", default=None, help="continue training this saved VAE instead of a new one")
     parser.add_argument("--max-clips", type=int, default=None, help="use only the first N training clips")
     parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=200,
+        help="steps between checkpoints in <output-dir>.partial; a rerun of the same command resumes from the last one",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -208,8 +216,6 @@ def colour_report(vae, height, width):
     """Largest RGB distance (0-255) between input and reconstruction of: the mean colour of each palette
     object (every colour, shape and background of the toy world, over the pixels of the object's own colour),
     and the mean colour of frames filled with each palette or background colour."""
-    from toy_world import synthetic
-
     objects, masks = [], []
     for colour, shape, background in itertools.product(synthetic.COLOURS, synthetic.SHAPES, synthetic.BACKGROUNDS):
         clip = synthetic.sample_clip(np.random.default_rng(0), (colour, shape, "right"), height, width)
@@ -232,6 +238,44 @@ def colour_report(vae, height, width):
     return {"palette_object_max_error": float(max(object_errors)), "solid_frame_max_error": float(max(solid_errors))}
 
 
+def checkpoint_dir(args):
+    return os.path.abspath(args.output_dir).rstrip(os.sep) + ".partial"
+
+
+# The flags a checkpoint must agree with to be resumed: everything that changes what the steps compute.
+RESUME_KEYS = ("steps", "batch_size", "lr", "kl_weight", "colour_fraction", "lowpass_weight", "block_out_channels",
+               "latent_channels", "warmup_steps", "init_from", "max_clips", "seed")
+
+
+def save_checkpoint(vae, optimizer, step, args):
+    """Weights, optimizer (with its learning-rate schedule) and step, replaced whole."""
+    settings = {key: getattr(args, key) for key in RESUME_KEYS}
+    with atomic_path(checkpoint_dir(args)) as tmp_dir:
+        os.makedirs(tmp_dir)
+        paddle.save(vae.state_dict(), os.path.join(tmp_dir, "vae.pdparams"))
+        paddle.save(optimizer.state_dict(), os.path.join(tmp_dir, "optimizer.pdopt"))
+        with open(os.path.join(tmp_dir, "state.json"), "w", encoding="utf-8") as f:
+            json.dump({"step": step, "settings": settings}, f)
+
+
+def load_checkpoint(vae, optimizer, args):
+    """The step to continue after (0 without a checkpoint); refuses a checkpoint made with other settings."""
+    path = checkpoint_dir(args)
+    if not os.path.isdir(path):
+        return 0
+    with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    settings = {key: getattr(args, key) for key in RESUME_KEYS}
+    changed = sorted(key for key in RESUME_KEYS if state["settings"].get(key) != settings[key])
+    if changed:
+        raise UserError(f"{path}: a checkpoint made with other {', '.join('--' + k.replace('_', '-') for k in changed)}; "
+                        "rerun with the same flags to resume, or delete it to start again")
+    vae.set_state_dict(paddle.load(os.path.join(path, "vae.pdparams")))
+    optimizer.set_state_dict(paddle.load(os.path.join(path, "optimizer.pdopt")))
+    print(f"resuming after step {state['step']} from {path}", flush=True)
+    return state["step"]
+
+
 def train(vae, frames, args):
     schedule = paddle.optimizer.lr.CosineAnnealingDecay(args.lr, T_max=args.steps, eta_min=args.lr * 0.01)
     if args.warmup_steps:
@@ -242,10 +286,13 @@ def train(vae, frames, args):
         parameters=vae.parameters(),
         grad_clip=paddle.nn.ClipGradByGlobalNorm(1.0),
     )
-    rng = np.random.default_rng(args.seed)
+    first_step = load_checkpoint(vae, optimizer, args) + 1
     vae.train()
     start = time.time()
-    for step in range(1, args.steps + 1):
+    for step in range(first_step, args.steps + 1):
+        # Each step's draws depend on (seed, step) only, so a resumed run takes the steps an uninterrupted one does.
+        rng = np.random.default_rng([args.seed, step])
+        paddle.seed(args.seed * 1_000_003 + step)
         x = to_model_input(training_batch(rng, frames, args.batch_size, args.colour_fraction))
         posterior = vae.encode(x).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
@@ -262,20 +309,24 @@ def train(vae, frames, args):
         schedule.step()
         if step % args.log_every == 0 or step == args.steps:
             elapsed = time.time() - start
+            done = step - first_step + 1
             print(
                 f"step {step}/{args.steps} loss {float(loss):.5f} kl {float(kl_loss):.3f} "
                 f"batch_psnr {psnr(x, reconstruction):.2f} dB lr {optimizer.get_lr():.2e} "
-                f"{elapsed / step:.2f} s/step eta {elapsed / step * (args.steps - step) / 60:.1f} min",
+                f"{elapsed / done:.2f} s/step eta {elapsed / done * (args.steps - step) / 60:.1f} min",
                 flush=True,
             )
+        if step % args.checkpoint_every == 0 and step < args.steps:
+            save_checkpoint(vae, optimizer, step, args)
     vae.eval()
     return time.time() - start
 
 
 def main(argv):
     args = parse_args(argv)
-    if args.steps <= 0 or args.batch_size <= 0:
-        raise UserError(f"--steps {args.steps} --batch-size {args.batch_size}: both must be positive")
+    if args.steps <= 0 or args.batch_size <= 0 or args.checkpoint_every <= 0:
+        raise UserError(f"--steps {args.steps} --batch-size {args.batch_size} --checkpoint-every {args.checkpoint_every}: "
+                        "all must be positive")
     if not 0 <= args.colour_fraction <= 1:
         raise UserError(f"--colour-fraction {args.colour_fraction}: must be between 0 and 1")
     configure_cpu_runtime()
@@ -335,6 +386,7 @@ def main(argv):
         with open(os.path.join(tmp_dir, "training_report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
             f.write("\n")
+    shutil.rmtree(checkpoint_dir(args), ignore_errors=True)
     print(json.dumps(report, indent=2))
     print(f"saved {args.output_dir}")
 

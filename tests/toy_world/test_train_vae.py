@@ -55,3 +55,48 @@ def test_colour_report_measures_the_colour_shift():
     report = train_vae.colour_report(ShiftingVae(0.2), 64, 64)
     assert report["palette_object_max_error"] == pytest.approx(25.5, abs=0.1)
     assert report["solid_frame_max_error"] == pytest.approx(25.5, abs=0.1)
+
+
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.numpy import load_file
+
+    from toy_world.synthetic import write_dataset
+
+    write_dataset(str(tmp_path / "data"), num_clips=2, num_frames=2, size=(32, 32), num_heldout_clips_per_combination=0)
+    # the held-out split must list a clip: reuse the training one
+    (tmp_path / "data" / "heldout.csv").write_text((tmp_path / "data" / "train.csv").read_text())
+
+    def command(output):
+        return [sys.executable, os.path.join(REPO, "toy_world", "train_vae.py"), "--data-dir", str(tmp_path / "data"),
+                "--output-dir", str(output), "--steps", "6", "--batch-size", "2", "--block-out-channels", "8", "16",
+                "--latent-channels", "2", "--checkpoint-every", "2", "--log-every", "1"]
+
+    straight = subprocess.run(command(tmp_path / "straight"), capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    process = subprocess.Popen(command(tmp_path / "resumed"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in process.stdout:  # kill -9 right after the step-4 checkpoint is written
+        if line.startswith("step 5/6"):
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert (tmp_path / "resumed.partial" / "state.json").is_file() and not (tmp_path / "resumed").exists()
+    import shutil
+
+    shutil.copytree(tmp_path / "resumed.partial", tmp_path / "other.partial")
+    resumed = subprocess.run(command(tmp_path / "resumed"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming after step 4" in resumed.stdout
+    assert not (tmp_path / "resumed.partial").exists()
+    weights = [load_file(str(tmp_path / name / "diffusion_paddle_model.safetensors")) for name in ("straight", "resumed")]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        np.testing.assert_array_equal(weights[0][key], weights[1][key], err_msg=key)
+
+    other = subprocess.run(command(tmp_path / "other") + ["--lr", "0.01"], capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and "a checkpoint made with other --lr" in other.stderr
