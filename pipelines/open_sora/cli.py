@@ -18,7 +18,14 @@ import sys
 
 from pipelines.open_sora.conditioning import Conditions, MaskGroup, MaskGroupError, Reference
 from pipelines.open_sora.pipeline_open_sora import clean_prompt
-from pipelines.open_sora.settings import DEFAULT_MODEL_DIR, OPEN_SORA_DEFAULTS, build_scheduler, is_pipeline_dir, read_model_defaults
+from pipelines.open_sora.settings import (
+    DEFAULT_MODEL_DIR,
+    OPEN_SORA_DEFAULTS,
+    build_scheduler,
+    is_pipeline_dir,
+    read_model_defaults,
+    transformer_dir,
+)
 from utils.errors import UserError
 from utils.io import ensure_writable_dir, read_json_object
 from utils.media import save_video
@@ -277,12 +284,17 @@ def load_pipeline(args):
 
     dtype = DTYPES[args.dtype]
     scheduler = build_scheduler(vars(args))
-    if is_pipeline_dir(args.model_path):
+    vae_path, text_encoder_path = getattr(args, "vae_path", None), getattr(args, "text_encoder_path", None)
+    if is_pipeline_dir(args.model_path) and vae_path is None and text_encoder_path is None:
         pipe = OpenSoraPipeline.from_pretrained(args.model_path, dtype=dtype, vae_micro_batch_size=args.micro_batch_size,
                                                 scheduler=scheduler)
     else:
-        pipe = OpenSoraPipeline.from_component_paths(args.model_path, args.vae_path, args.text_encoder_path, scheduler,
-                                                     dtype=dtype, vae_micro_batch_size=args.micro_batch_size)
+        # --vae-path / --text-encoder-path replace the parts of a pipeline directory they name
+        pipe = OpenSoraPipeline.from_component_paths(
+            transformer_dir(args.model_path), vae_path or os.path.join(args.model_path, "vae"),
+            text_encoder_path or os.path.join(args.model_path, "text_encoder"), scheduler, dtype=dtype,
+            vae_micro_batch_size=args.micro_batch_size,
+        )
     if args.sampler == "iddpm" and not pipe.transformer.config.pred_sigma:
         raise UserError(
             f"{args.model_path}: --sampler iddpm needs a model that predicts sigma (Open-Sora v1.1's learned "

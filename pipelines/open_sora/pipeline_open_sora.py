@@ -20,7 +20,7 @@ import paddle
 from ppdiffusers import DiffusionPipeline
 from ppdiffusers.utils import BaseOutput
 
-from models.stdit.stdit2 import STDiT2
+from models.stdit.stdit2 import STDiT2, STDiT2Config
 from models.text_encoder.t5 import T5Encoder, text_preprocessing
 from models.vae.vae import VideoAutoencoderKL
 from pipelines.open_sora.conditioning import Conditions, EncodedConditions, fill_conditioned_frames, latent_frames
@@ -131,8 +131,11 @@ class OpenSoraPipeline(DiffusionPipeline):
         """Build from separate directories, as converted official weights come: an STDiT2, an AutoencoderKL, a
         T5 directory holding its tokenizer too, and a scheduler object. `trained_size`: dict of SIZE_KEYS."""
         check_dtype(dtype)
-        caption_encoder = T5Encoder.from_pretrained(text_encoder)
+        # every directory is checked before any weights load
+        STDiT2Config.from_pretrained(transformer)
         VideoAutoencoderKL.read_config(vae)
+        T5Encoder.read_config(text_encoder)
+        caption_encoder = T5Encoder.from_pretrained(text_encoder)
         return cls(
             transformer=STDiT2.from_pretrained(transformer, dtype=dtype),
             vae=VideoAutoencoderKL.from_pretrained(vae, vae_micro_batch_size, dtype),

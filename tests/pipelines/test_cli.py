@@ -99,8 +99,6 @@ def test_a_pipeline_directory_with_an_iddpm_scheduler(tmp_path):
     assert args.trained_size is None and args.num_frames == OPEN_SORA_DEFAULTS["num_frames"]  # no size recorded
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: with a pipeline directory (the default model) --vae-path and "
-                   "--text-encoder-path are silently ignored; before the pipeline refactor they replaced the component")
 @pytest.mark.parametrize("flag", ["--vae-path", "--text-encoder-path"])
 def test_component_paths_are_not_silently_ignored_with_a_pipeline_directory(tmp_path, flag):
     missing = str(tmp_path / "missing")  # honoured (not found) or refused: either way the user hears of it
