@@ -205,3 +205,23 @@ def test_crf_trades_size_for_quality():
     assert len(coarse) < len(fine)
     errors = [np.abs(decoded(io.BytesIO(data))[0].astype(int) - video).mean() for data in (fine, coarse)]
     assert errors[0] < errors[1]
+
+
+def test_save_video_writes_a_hidden_temporary_beside_the_target_and_removes_it_on_failure(tmp_path, monkeypatch):
+    import utils.media
+
+    seen = []
+
+    def failing_write(frames, fps, target, crf=18):
+        seen.append(target)
+        with open(target, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(utils.media, "write_mp4", failing_write)
+    frames = np.zeros((2, 8, 8, 3), np.uint8)
+    with pytest.raises(OSError, match="disk full"):
+        utils.media.save_video(frames, 8, str(tmp_path / "out" / "clip"))
+    directory, name = os.path.split(seen[0])
+    assert directory == str(tmp_path / "out") and name.startswith(".sample.") and name.endswith(".mp4.tmp")
+    assert os.listdir(tmp_path / "out") == []  # neither the temporary nor a partial clip.mp4
