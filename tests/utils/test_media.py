@@ -225,3 +225,27 @@ def test_save_video_writes_a_hidden_temporary_beside_the_target_and_removes_it_o
     directory, name = os.path.split(seen[0])
     assert directory == str(tmp_path / "out") and name.startswith(".sample.") and name.endswith(".mp4.tmp")
     assert os.listdir(tmp_path / "out") == []  # neither the temporary nor a partial clip.mp4
+
+
+def test_read_video_frames_seeks_to_frames_past_several_keyframes(tmp_path):
+    """Frame t of the clip is filled with grey 6 t; keyframes every 5 frames make the reader seek, and frames
+    counted from the seek point instead of by timestamp would come back with the wrong greys."""
+    from utils.media import read_video_frames
+
+    path = str(tmp_path / "keyframes.mp4")
+    with av.open(path, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.height = stream.width = 16
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.gop_size = 5
+        stream.options = {"crf": "0", "keyint_min": "5", "sc_threshold": "0"}
+        for t in range(40):
+            frame = av.VideoFrame.from_ndarray(np.full((16, 16, 3), 6 * t, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    wanted = [22, 25, 31, 39]
+    greys = [np.asarray(image).mean() for image in read_video_frames(path, wanted)]
+    np.testing.assert_allclose(greys, [6 * t for t in wanted], atol=2)
+    assert [np.asarray(image).mean() for image in read_video_frames(path, [0, 1])] == pytest.approx([0, 6], abs=2)
