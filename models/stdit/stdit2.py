@@ -55,8 +55,55 @@ class CaptionContext:
     text_mask: paddle.Tensor  # [B, 1, 1, L] bool, or None when every token is valid
 
 
+class ModelConfigMixin:
+    """Reading an STDiT config: unknown keys refused with advice, and a model directory checked before its
+    weights load. Subclasses name their model (`model_name`) and the converter subcommand (`converter`)."""
+
+    model_name = "STDiT"
+    converter = "stdit2"
+
+    @classmethod
+    def from_dict(cls, values, source="config", advice=None):
+        """`advice` ends the unknown-keys error; by default it points at the converter."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            advice = advice or (
+                f"is this an {cls.model_name} config? Official Open-Sora checkpoints must be converted first with "
+                f"scripts/convert_checkpoint.py {cls.converter}"
+            )
+            raise UserError(f"{source}: unknown {cls.model_name} config keys {unknown[:5]}; {advice}")
+        return cls(**values)
+
+    @classmethod
+    def from_json_file(cls, path):
+        return cls.from_dict(read_json_object(path, f"{cls.model_name} config (e.g. configs/{cls.converter}/tiny.json)"),
+                             source=path)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_path):
+        """The config of a model directory (save_pretrained / convert_checkpoint.py output), without its weights."""
+        if not os.path.isdir(pretrained_path):
+            raise UserError(
+                f"{pretrained_path}: {cls.model_name} model directory not found; give a directory written by "
+                f"save_pretrained or by scripts/convert_checkpoint.py {cls.converter}"
+            )
+        config_path = os.path.join(pretrained_path, CONFIG_NAME)
+        if not os.path.isfile(config_path) or not os.path.isfile(os.path.join(pretrained_path, WEIGHTS_NAME)):
+            raise UserError(
+                f"{pretrained_path}: not an {cls.model_name} directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
+                f"convert official checkpoints with scripts/convert_checkpoint.py {cls.converter}"
+            )
+        return cls.from_json_file(config_path)
+
+    def to_dict(self):
+        values = dataclasses.asdict(self)
+        values["patch_size"] = list(self.patch_size)
+        return values
+
+
 @dataclasses.dataclass
-class STDiT2Config:
+class STDiT2Config(ModelConfigMixin):
     """Constructor arguments of `STDiT2`, saved as `config.json` next to the weights.
 
     Three fields exist so that the original's configs load and round-trip, and change nothing here:
@@ -66,6 +113,9 @@ class STDiT2Config:
     numerics) and `no_temporal_pos_emb` (the original STDiT2 stores it but never reads it: its temporal
     positions are rotary).
     """
+
+    model_name = "STDiT2"
+    converter = "stdit2"
 
     input_sq_size: int = 32
     in_channels: int = 4
@@ -97,45 +147,6 @@ class STDiT2Config:
             )
         if self.freeze not in FREEZE_OPTIONS:
             raise UserError(f"STDiT2 config: freeze {self.freeze!r} is not one of {list(FREEZE_OPTIONS)}")
-
-    @classmethod
-    def from_dict(cls, values, source="config", advice=None):
-        """`advice` ends the unknown-keys error; by default it points at the converter."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            advice = advice or (
-                "is this an STDiT2 config? Official Open-Sora checkpoints must be converted first with "
-                "scripts/convert_checkpoint.py stdit2"
-            )
-            raise UserError(f"{source}: unknown STDiT2 config keys {unknown[:5]}; {advice}")
-        return cls(**values)
-
-    @classmethod
-    def from_json_file(cls, path):
-        return cls.from_dict(read_json_object(path, "STDiT2 config (e.g. configs/stdit2/tiny.json)"), source=path)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_path):
-        """The config of an STDiT2 directory (save_pretrained / convert_checkpoint.py output), without its weights."""
-        if not os.path.isdir(pretrained_path):
-            raise UserError(
-                f"{pretrained_path}: STDiT2 model directory not found; give a directory written by "
-                "save_pretrained or by scripts/convert_checkpoint.py stdit2"
-            )
-        config_path = os.path.join(pretrained_path, CONFIG_NAME)
-        if not os.path.isfile(config_path) or not os.path.isfile(os.path.join(pretrained_path, WEIGHTS_NAME)):
-            raise UserError(
-                f"{pretrained_path}: not an STDiT2 directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}); convert "
-                "official checkpoints with scripts/convert_checkpoint.py stdit2"
-            )
-        return cls.from_json_file(config_path)
-
-    def to_dict(self):
-        values = dataclasses.asdict(self)
-        values["patch_size"] = list(self.patch_size)
-        return values
-
 
 def modulation(table, t_emb, t0_emb, x_mask):
     """Shift/scale/gate parameters per frame: `table` [K, C] plus the timestep embedding [B, K*C].

@@ -37,13 +37,13 @@ from models.layers.blocks import (
     layer_norm_without_affine,
     t2i_modulate,
 )
-from models.stdit.stdit2 import CONFIG_NAME, WEIGHTS_NAME, CaptionContext, STDiT2, modulation
+from models.stdit.stdit2 import CONFIG_NAME, WEIGHTS_NAME, CaptionContext, ModelConfigMixin, STDiT2, modulation
 from utils.errors import UserError
 from utils.io import read_json_object
 
 
 @dataclasses.dataclass
-class STDiT3Config:
+class STDiT3Config(ModelConfigMixin):
     """Constructor arguments of `STDiT3`, saved as `config.json` next to the weights.
 
     The defaults are the original's (`STDiT3Config` of Open-Sora v1.2). Three fields exist so that the
@@ -55,6 +55,9 @@ class STDiT3Config:
     `skip_y_embedder`: captions arrive already projected by `y_embedder` ([B, 1, L, hidden_size] features
     extracted once for training), so the projection and the caption dropout are skipped.
     """
+
+    model_name = "STDiT3"
+    converter = "stdit3"
 
     input_sq_size: int = 512
     in_channels: int = 4
@@ -86,44 +89,6 @@ class STDiT3Config:
                 f"STDiT3 config: hidden_size {self.hidden_size} must be divisible by 4 (2-D position embedding) "
                 f"and by num_heads {self.num_heads} into an even head dimension (rotary embedding)"
             )
-
-    @classmethod
-    def from_dict(cls, values, source="config", advice=None):
-        """`advice` ends the unknown-keys error; by default it points at the converter."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            advice = advice or (
-                "is this an STDiT3 config? Official Open-Sora v1.2 checkpoints must be converted first with "
-                "scripts/convert_checkpoint.py stdit3"
-            )
-            raise UserError(f"{source}: unknown STDiT3 config keys {unknown[:5]}; {advice}")
-        return cls(**values)
-
-    @classmethod
-    def from_json_file(cls, path):
-        return cls.from_dict(read_json_object(path, "STDiT3 config (e.g. configs/stdit3/tiny.json)"), source=path)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_path):
-        """The config of an STDiT3 directory (save_pretrained / convert_checkpoint.py output), without its weights."""
-        if not os.path.isdir(pretrained_path):
-            raise UserError(
-                f"{pretrained_path}: STDiT3 model directory not found; give a directory written by "
-                "save_pretrained or by scripts/convert_checkpoint.py stdit3"
-            )
-        config_path = os.path.join(pretrained_path, CONFIG_NAME)
-        if not os.path.isfile(config_path) or not os.path.isfile(os.path.join(pretrained_path, WEIGHTS_NAME)):
-            raise UserError(
-                f"{pretrained_path}: not an STDiT3 directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}); convert "
-                "official checkpoints with scripts/convert_checkpoint.py stdit3"
-            )
-        return cls.from_json_file(config_path)
-
-    def to_dict(self):
-        values = dataclasses.asdict(self)
-        values["patch_size"] = list(self.patch_size)
-        return values
 
 
 class STDiT3Block(nn.Layer):
