@@ -119,7 +119,7 @@ def main(argv):
     mean, _ = vae.posterior(paddle.to_tensor(np.stack([s["video"] for s in samples])))
     latents = mean * vae.scaling_factor
     batch = {key: [s[key] for s in samples] for key in ("num_frames", "height", "width", "ar", "fps")}
-    scheduler = RFLOW(temporal_compression=vae.temporal_compression)
+    scheduler = RFLOW()
     rows = caption_losses(model, text_encoder, scheduler, latents, [s["text"] for s in samples],
                           size_conditions(batch), seed=args.seed)
 

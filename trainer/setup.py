@@ -144,7 +144,6 @@ def build_training_scheduler(settings, sample_method, vae):
         sample_method=sample_method,
         use_timestep_transform=settings.use_timestep_transform,
         transform_scale=settings.transform_scale,
-        temporal_compression=vae.temporal_compression,
     )
 
 

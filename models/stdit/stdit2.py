@@ -64,7 +64,12 @@ class ModelConfigMixin:
 
     @classmethod
     def from_dict(cls, values, source="config", advice=None):
-        """`advice` ends the unknown-keys error; by default it points at the converter."""
+        """`advice` ends the unknown-keys error; by default it points at the converter. `model_type`, which
+        `to_dict` writes, must name this class's model (a config without it is read as this model's)."""
+        values = dict(values)
+        model_type = values.pop("model_type", cls.model_name)
+        if model_type != cls.model_name:
+            raise UserError(f"{source}: an {model_type} config, not an {cls.model_name} one; load it with {model_type}")
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -97,7 +102,8 @@ class ModelConfigMixin:
         return cls.from_json_file(config_path)
 
     def to_dict(self):
-        values = dataclasses.asdict(self)
+        """The config as saved in config.json, with the `model_type` that says which model it builds."""
+        values = {"model_type": self.model_name, **dataclasses.asdict(self)}
         values["patch_size"] = list(self.patch_size)
         return values
 

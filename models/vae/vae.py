@@ -115,9 +115,19 @@ class VideoAutoencoderKL(paddle.nn.Layer):
             stds.append(posterior.std)
         return self._to_video(paddle.concat(means), x.shape[0]), self._to_video(paddle.concat(stds), x.shape[0])
 
+    chunk_latent_frames = 1  # frames are encoded one by one: any latent frame can start a condition
+
+    @staticmethod
+    def latent_frame_index(frame, num_frames):
+        """The latent frame holding frame `frame` of a clip: the same frame, as time is not compressed."""
+        return frame
+
     @paddle.no_grad()
-    def decode(self, z):
-        """Scaled latents [B, C, T, h, w] -> videos [B, 3, T, h*f, w*f]; memory bounded by the micro-batch."""
+    def decode(self, z, num_frames=None):
+        """Scaled latents [B, C, T, h, w] -> videos [B, 3, T, h*f, w*f]; memory bounded by the micro-batch.
+        `num_frames`, if given, must be T (the video VAE's decode needs it; this one checks it)."""
+        if num_frames is not None and num_frames != z.shape[2]:
+            raise UserError(f"num_frames {num_frames} does not match the {z.shape[2]} latent frames of an image VAE")
         output = None
         start = 0
         for latents in self._frame_batches(z.astype(self.dtype)):

@@ -379,6 +379,23 @@ class VideoAutoencoderV1_2(nn.Layer):
             frames = sum(self.temporal_vae.latent_frames(n) for n in self.chunk_frames(frames))
         return [frames, *spatial]
 
+    @property
+    def chunk_latent_frames(self):
+        """Latent frames of one full temporal chunk (5 for 17 frames): conditions copied from a reference keep
+        their meaning when they start on a multiple of it (Open-Sora v1.2's `align`)."""
+        return self.get_latent_size([self.micro_frame_size or 1, None, None])[0]
+
+    def latent_frame_index(self, frame, num_frames):
+        """The latent frame holding frame `frame` (0-based) of a clip of `num_frames` frames. Each chunk is padded
+        in front to a multiple of the time compression, so its first frame has a latent frame of its own and
+        each later latent frame holds the next `temporal_compression` frames."""
+        latent_start = 0
+        for chunk_start, frames in zip(range(0, num_frames, self.micro_frame_size or num_frames), self.chunk_frames(num_frames)):
+            if frame < chunk_start + frames:
+                return latent_start + (frame - chunk_start + -frames % self.temporal_compression) // self.temporal_compression
+            latent_start += self.temporal_vae.latent_frames(frames)
+        raise ValueError(f"frame {frame} is outside a clip of {num_frames} frames")
+
     def decoded_chunk_frames(self, latent_frames, num_frames=None):
         """(latent frames, frames) of each chunk that decoding `latent_frames` latents into `num_frames` frames
         runs; num_frames None: all the latents hold (a full chunk of latents gives `micro_frame_size` frames,

@@ -4,11 +4,10 @@ strategies, as objects).
 A `MaskGroup` copies `length` frames of reference `reference`, starting at its frame `source_start`, into the
 generated clip of loop `loop` at frame `target_start` (negative starts count from the end), and gives them
 the frame-mask value `edit_ratio` (0 keeps them, up to 1 regenerates them). Frames are counted in pixels
-here; `latent_span` converts a group to latent frames with the VAE's temporal compression, in one place.
+here; `latent_span` converts a group to latent frames with the VAE's own frame-to-latent map, in one place.
 """
 
 import dataclasses
-import math
 from typing import Sequence
 
 import numpy as np
@@ -58,17 +57,30 @@ class MaskGroup:
         return source_start, target_start
 
 
-def latent_frames(pixel_frames, temporal_compression):
-    """Latent frames holding `pixel_frames` frames (the VAE compresses time by `temporal_compression`)."""
-    return math.ceil(pixel_frames / temporal_compression)
+def snap_to_chunk(index, chunk, num_latent_frames):
+    """A latent start moved to the nearest multiple of `chunk` (halves go down) that leaves a whole chunk in the
+    clip's `num_latent_frames`, as Open-Sora v1.2's `align` does."""
+    chunks_before = index // chunk
+    if index % chunk > chunk / 2 and chunks_before < num_latent_frames // chunk - 1:
+        chunks_before += 1
+    return chunks_before * chunk
 
 
-def latent_span(group, reference_length, clip_length, temporal_compression):
+def latent_span(group, reference_length, clip_length, vae, align=1):
     """A pixel-frame MaskGroup as latent (source_start, target_start, length) for a reference of
-    `reference_length` and a clip of `clip_length` pixel frames."""
+    `reference_length` and a clip of `clip_length` pixel frames. `vae.latent_frame_index` says which latent
+    frame holds a pixel frame; `align` > 1 moves both starts to the nearest multiple of it, and the length is
+    cut to what the reference and the clip hold from there (Open-Sora v1.2)."""
     source_start, target_start = group.span(reference_length, clip_length)
-    return (source_start // temporal_compression, target_start // temporal_compression,
-            latent_frames(group.length, temporal_compression))
+    reference_latents = vae.latent_frame_index(reference_length - 1, reference_length) + 1
+    clip_latents = vae.latent_frame_index(clip_length - 1, clip_length) + 1
+    source = vae.latent_frame_index(source_start, reference_length)
+    length = vae.latent_frame_index(source_start + group.length - 1, reference_length) - source + 1
+    target = vae.latent_frame_index(target_start, clip_length)
+    if align > 1:
+        source = snap_to_chunk(source, align, reference_latents)
+        target = snap_to_chunk(target, align, clip_latents)
+    return source, target, min(length, reference_latents - source, clip_latents - target)
 
 
 class Reference:
@@ -169,15 +181,16 @@ class EncodedConditions:
         self.lengths.append(length)
 
 
-def fill_conditioned_frames(z, conditions, loop, clip_length, temporal_compression):
+def fill_conditioned_frames(z, conditions, loop, clip_length, vae, align=1):
     """Copy the reference latent frames of loop `loop` into z [B, C, T, h, w] (in place) and return the frame
-    mask [B, T]: 1 = generate, `edit_ratio` for conditioned frames. `conditions`: EncodedConditions per item."""
+    mask [B, T]: 1 = generate, `edit_ratio` for conditioned frames. `conditions`: EncodedConditions per item;
+    `vae` and `align` place pixel frames in latent frames (`latent_span`)."""
     masks = np.ones((z.shape[0], z.shape[2]), dtype=np.float32)
     for i, item in enumerate(conditions):
         for group in item.mask_groups:
             if group.loop != loop:
                 continue
-            source, target, length = latent_span(group, item.lengths[group.reference], clip_length, temporal_compression)
+            source, target, length = latent_span(group, item.lengths[group.reference], clip_length, vae, align)
             z[i, :, target : target + length] = item.latents[group.reference][:, source : source + length]
             masks[i, target : target + length] = group.edit_ratio
     return paddle.to_tensor(masks)

@@ -1,12 +1,13 @@
-"""`OpenSoraPipeline`: text-to-video with STDiT2 (Open-Sora v1.1), conditioned on images and videos, and
-chained into long videos.
+"""`OpenSoraPipeline`: text-to-video with Open-Sora v1.1 (STDiT2, image VAE) or v1.2 (STDiT3, video VAE),
+conditioned on images and videos, and chained into long videos.
 
     pipe = OpenSoraPipeline.from_pretrained("assets/default_model")
     frames = pipe("a red circle moving right on a dark background", seed=0).frames[0]  # uint8 [T, H, W, 3]
 
-A pipeline directory holds `model_index.json` and one folder per component: transformer (STDiT2), vae
-(ppdiffusers AutoencoderKL), text_encoder (paddlenlp T5EncoderModel), tokenizer (T5Tokenizer) and scheduler
-(`scheduler_config.json` of RFLOW or IDDPM). `model_index.json` also records the size the transformer was
+A pipeline directory holds `model_index.json` and one folder per component: transformer (STDiT2 or STDiT3,
+as its config's model_type says), vae (a ppdiffusers AutoencoderKL applied per frame, or v1.2's video VAE),
+text_encoder (paddlenlp T5EncoderModel), tokenizer (T5Tokenizer) and scheduler (`scheduler_config.json` of
+RFLOW or IDDPM). `model_index.json` also records the size the transformer was
 trained for, which is the default size of a generation.
 """
 
@@ -20,10 +21,9 @@ import paddle
 from ppdiffusers import DiffusionPipeline
 from ppdiffusers.utils import BaseOutput
 
-from models.stdit.stdit2 import STDiT2, STDiT2Config
+from models.families import load_transformer, load_vae, read_transformer_config, read_vae_config
 from models.text_encoder.t5 import T5Encoder, text_preprocessing
-from models.vae.vae import VideoAutoencoderKL
-from pipelines.open_sora.conditioning import Conditions, EncodedConditions, fill_conditioned_frames, latent_frames
+from pipelines.open_sora.conditioning import Conditions, EncodedConditions, fill_conditioned_frames
 from schedulers.iddpm import IDDPM
 from schedulers.rflow import RFLOW
 from utils.errors import UserError
@@ -36,6 +36,8 @@ SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 DTYPES = ("float32", "float16", "bfloat16")
 OUTPUT_TYPES = ("np", "pil", "latent")
 SIZE_KEYS = ("num_frames", "height", "width", "fps")
+# The camera motions Open-Sora v1.2 was trained to follow ("camera motion: pan left." ends the prompt).
+CAMERA_MOTIONS = ("pan right", "pan left", "tilt up", "tilt down", "zoom in", "zoom out", "static")
 
 
 @dataclasses.dataclass
@@ -78,6 +80,23 @@ def clean_prompt(text):
     return cleaned
 
 
+def with_scores(text, aesthetic_score=None, motion_score=None, camera_motion=None):
+    """A prompt ending with the scores Open-Sora v1.2 was trained with ("... aesthetic score: 6.5."), each
+    added unless the prompt already states it."""
+    for name, value in (("aesthetic score", aesthetic_score), ("motion score", motion_score)):
+        if value is not None and f"{name}:" not in text:
+            text = f"{text} {name}: {value:.1f}."
+    if camera_motion is not None and "camera motion:" not in text:
+        text = f"{text} camera motion: {camera_motion}."
+    return text
+
+
+def scored_prompt(text, scores):
+    """The cleaned prompt with `scores` (`with_scores`' arguments) appended before cleaning, as the original."""
+    cleaned = clean_prompt(text)  # the one-line error for a prompt of symbols, before any score hides it
+    return clean_prompt(with_scores(text, **scores)) if any(value is not None for value in scores.values()) else cleaned
+
+
 def to_uint8_frames(videos):
     """Videos [B, 3, T, H, W] in [-1, 1] (numpy) -> uint8 [B, T, H, W, 3]."""
     return ((videos.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 4, 1)
@@ -117,8 +136,8 @@ class OpenSoraPipeline(DiffusionPipeline):
         text_encoder_path = os.path.join(path, "text_encoder")
         T5Encoder.read_config(text_encoder_path)
         return cls(
-            transformer=STDiT2.from_pretrained(os.path.join(path, "transformer"), dtype=dtype),
-            vae=VideoAutoencoderKL.from_pretrained(os.path.join(path, "vae"), vae_micro_batch_size, dtype),
+            transformer=load_transformer(os.path.join(path, "transformer"), dtype=dtype),
+            vae=load_vae(os.path.join(path, "vae"), vae_micro_batch_size, dtype),
             text_encoder=T5EncoderModel.from_pretrained(text_encoder_path),
             tokenizer=T5Tokenizer.from_pretrained(os.path.join(path, "tokenizer")),
             scheduler=scheduler or load_scheduler(os.path.join(path, "scheduler")),
@@ -128,17 +147,18 @@ class OpenSoraPipeline(DiffusionPipeline):
     @classmethod
     def from_component_paths(cls, transformer, vae, text_encoder, scheduler, dtype="float32", vae_micro_batch_size=4,
                              trained_size=None):
-        """Build from separate directories, as converted official weights come: an STDiT2, an AutoencoderKL, a
-        T5 directory holding its tokenizer too, and a scheduler object. `trained_size`: dict of SIZE_KEYS."""
+        """Build from separate directories, as converted official weights come: an STDiT2 or STDiT3, an
+        AutoencoderKL or v1.2 video VAE, a T5 directory holding its tokenizer too, and a scheduler object.
+        `trained_size`: dict of SIZE_KEYS."""
         check_dtype(dtype)
         # every directory is checked before any weights load
-        STDiT2Config.from_pretrained(transformer)
-        VideoAutoencoderKL.read_config(vae)
+        read_transformer_config(transformer)
+        read_vae_config(vae)
         T5Encoder.read_config(text_encoder)
         caption_encoder = T5Encoder.from_pretrained(text_encoder)
         return cls(
-            transformer=STDiT2.from_pretrained(transformer, dtype=dtype),
-            vae=VideoAutoencoderKL.from_pretrained(vae, vae_micro_batch_size, dtype),
+            transformer=load_transformer(transformer, dtype=dtype),
+            vae=load_vae(vae, vae_micro_batch_size, dtype),
             text_encoder=caption_encoder.model,
             tokenizer=caption_encoder.tokenizer,
             scheduler=scheduler,
@@ -178,12 +198,12 @@ class OpenSoraPipeline(DiffusionPipeline):
 
     # ---------------------------------------------------------------------------------------- generation
 
-    def check_inputs(self, prompts, conditions, num_frames, height, width, fps, loop, condition_frame_length,
+    def check_inputs(self, prompts, conditions, num_frames, height, width, fps, loop, condition_frame_length, align,
                      num_inference_steps, guidance_scale, seed, num_videos_per_prompt, output_type, callback_on_step_end):
         for name, value in dict(num_frames=num_frames, height=height, width=width, fps=fps).items():
             if value is None:
                 raise UserError(f"{name} is not given and the pipeline has no default for it; pass {name}=...")
-        for name, value in dict(num_frames=num_frames, height=height, width=width, fps=fps, loop=loop,
+        for name, value in dict(num_frames=num_frames, height=height, width=width, fps=fps, loop=loop, align=align,
                                 num_inference_steps=num_inference_steps, num_videos_per_prompt=num_videos_per_prompt).items():
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise UserError(f"{name} must be a positive integer, got {value!r}")
@@ -212,14 +232,29 @@ class OpenSoraPipeline(DiffusionPipeline):
             item.check(num_frames, loop)
 
     @staticmethod
-    def prompts_per_loop(prompt, loop):
+    def prompts_per_loop(prompt, loop, scores=None):
         """prompt: a text, a list of texts (one video each), or a list whose items are lists of texts (one per
-        loop). Returns cleaned texts [video][loop]."""
+        loop). Returns cleaned texts [video][loop], each ending with the `scores` (`with_scores`' arguments)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise UserError("prompt is empty; give a text or a list of texts")
         per_loop = [[item] * loop if isinstance(item, str) else list(item) for item in prompts]
-        return [[clean_prompt(text) for text in texts] for texts in per_loop]
+        return [[scored_prompt(text, scores or {}) for text in texts] for texts in per_loop]
+
+    @staticmethod
+    def check_scores(aesthetic_score, motion_score, camera_motion):
+        for name, value in dict(aesthetic_score=aesthetic_score, motion_score=motion_score).items():
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                raise UserError(f"{name} must be a number or None, got {value!r}")
+        if camera_motion is not None and camera_motion not in CAMERA_MOTIONS:
+            raise UserError(f"camera_motion {camera_motion!r} is not one of {list(CAMERA_MOTIONS)}")
+
+    def default_condition_frame_length(self, num_frames):
+        """Frames of a clip that start the next one in a long video: one temporal chunk of a video VAE (17
+        frames, v1.2's 5 latent frames), a quarter of the clip with an image VAE."""
+        if self.vae.chunk_latent_frames > 1 and self.vae.micro_frame_size and self.vae.micro_frame_size < num_frames:
+            return self.vae.micro_frame_size
+        return max(1, num_frames // 4)
 
     def encode_references(self, conditions, height, width):
         """EncodedConditions per video: each reference read at the generation size and encoded once."""
@@ -247,6 +282,10 @@ class OpenSoraPipeline(DiffusionPipeline):
         conditions: Union[Conditions, List[Optional[Conditions]], None] = None,
         loop: int = 1,
         condition_frame_length: Optional[int] = None,
+        align: Optional[int] = None,
+        aesthetic_score: Optional[float] = None,
+        motion_score: Optional[float] = None,
+        camera_motion: Optional[str] = None,
         num_inference_steps: Optional[int] = None,
         guidance_scale: Optional[float] = None,
         seed: Optional[int] = None,
@@ -263,7 +302,12 @@ class OpenSoraPipeline(DiffusionPipeline):
                 frame rate the model is conditioned on.
             conditions: `Conditions` for every prompt, or a list of one (or None) per prompt.
             loop: clips chained into one video; each later clip starts with the last `condition_frame_length`
-                frames of the one before (default a quarter of num_frames) and adds num_frames minus those.
+                frames of the one before (default: 17 frames, one chunk, with v1.2's video VAE; a quarter of
+                num_frames with an image VAE) and adds num_frames minus those.
+            align: conditioned latent frames start at a multiple of `align` latent frames (default: the VAE's
+                `chunk_latent_frames`, 5 for v1.2 as its sample config, 1 = where the frames fall).
+            aesthetic_score, motion_score, camera_motion: appended to every prompt as Open-Sora v1.2 was trained
+                ("aesthetic score: 6.5."); camera_motion is one of CAMERA_MOTIONS. v1.1 models never saw them.
             num_inference_steps, guidance_scale: default: the scheduler's.
             seed: the same seed and arguments give the same frames; the global random state is left as it was.
             num_videos_per_prompt: drawn one after another from the seed's random stream.
@@ -277,12 +321,15 @@ class OpenSoraPipeline(DiffusionPipeline):
             num_inference_steps = self.default_sampling["num_inference_steps"]
         guidance_scale = self.default_sampling["guidance_scale"] if guidance_scale is None else guidance_scale
         if condition_frame_length is None and num_frames is not None:
-            condition_frame_length = max(1, num_frames // 4)
-        prompts = self.prompts_per_loop(prompt, loop)
+            condition_frame_length = self.default_condition_frame_length(num_frames)
+        align = self.vae.chunk_latent_frames if align is None else align
+        self.check_scores(aesthetic_score, motion_score, camera_motion)
+        prompts = self.prompts_per_loop(prompt, loop, dict(aesthetic_score=aesthetic_score, motion_score=motion_score,
+                                                           camera_motion=camera_motion))
         if conditions is None or isinstance(conditions, Conditions):
             conditions = [conditions] * len(prompts)
         conditions = [Conditions() if item is None else item for item in conditions]
-        self.check_inputs(prompts, conditions, num_frames, height, width, fps, loop, condition_frame_length,
+        self.check_inputs(prompts, conditions, num_frames, height, width, fps, loop, condition_frame_length, align,
                           num_inference_steps, guidance_scale, seed, num_videos_per_prompt, output_type, callback_on_step_end)
 
         scheduler = self.scheduler.with_sampling_steps(num_inference_steps)
@@ -298,7 +345,7 @@ class OpenSoraPipeline(DiffusionPipeline):
                         return self._after_step(offset, step_index, t, latents, scheduler, progress_bar, callback_on_step_end)
 
                     draws.append(self.generate_long_video(prompts, [item.copy() for item in encoded], scheduler, num_frames, height, width, fps,
-                                                          loop, condition_frame_length, guidance_scale, output_type,
+                                                          loop, condition_frame_length, align, guidance_scale, output_type,
                                                           step_callback))
         finally:
             paddle.set_rng_state(rng_state)
@@ -327,11 +374,10 @@ class OpenSoraPipeline(DiffusionPipeline):
         return outputs.get("latents", latents)
 
     def generate_long_video(self, prompts, encoded, scheduler, num_frames, height, width, fps, loop,
-                            condition_frame_length, guidance_scale, output_type, step_callback):
+                            condition_frame_length, align, guidance_scale, output_type, step_callback):
         """Videos (numpy [3, T, H, W] in [-1, 1], or latents [C, T, h, w]) of `loop` chained clips;
         `encoded`: EncodedConditions per prompt, which the loops extend."""
-        latent_size = [latent_frames(num_frames, self.vae.temporal_compression), height // self.vae_scale_factor,
-                       width // self.vae_scale_factor]
+        latent_size = self.vae.get_latent_size([num_frames, height, width])
         size_args = self.size_arguments(len(prompts), num_frames, height, width, fps)
         caption_encoder = T5Encoder(self.text_encoder, self.tokenizer, self.transformer.config.model_max_length)
         caption_encoder.y_embedder = self.transformer.y_embedder  # the learned null caption
@@ -343,7 +389,7 @@ class OpenSoraPipeline(DiffusionPipeline):
                 for i, item in enumerate(encoded):
                     item.add_loop_reference(previous[i], condition_frame_length, loop_index)
             z = paddle.randn([len(prompts), self.vae.out_channels, *latent_size], dtype="float32")
-            frame_mask = fill_conditioned_frames(z, encoded, loop_index, num_frames, self.vae.temporal_compression)
+            frame_mask = fill_conditioned_frames(z, encoded, loop_index, num_frames, self.vae, align)
             samples = scheduler.sample(
                 self.transformer, caption_encoder, z=z, prompts=[texts[loop_index] for texts in prompts],
                 additional_args=size_args, mask=frame_mask, progress=False, cfg_scale=guidance_scale,
@@ -351,6 +397,6 @@ class OpenSoraPipeline(DiffusionPipeline):
             )
             if output_type == "latent":
                 return list(samples)
-            clips.append(self.vae.decode(samples.astype(self.vae.dtype)).astype("float32"))
+            clips.append(self.vae.decode(samples.astype(self.vae.dtype), num_frames=num_frames).astype("float32"))
         parts = [clips[0]] + [clip[:, :, condition_frame_length:] for clip in clips[1:]]
         return list(paddle.concat(parts, axis=2).numpy())

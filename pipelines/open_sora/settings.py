@@ -74,7 +74,7 @@ def scheduler_settings(scheduler):
                 use_timestep_transform=scheduler.use_timestep_transform, transform_scale=scheduler.transform_scale)
 
 
-def build_scheduler(settings, temporal_compression=1):
+def build_scheduler(settings):
     """The sampling scheduler that `settings` (inference.json's vocabulary) describe."""
     if settings["sampler"] == "iddpm":
         return IDDPM(num_sampling_steps=settings["num_sampling_steps"], cfg_scale=settings["cfg_scale"],
@@ -84,5 +84,4 @@ def build_scheduler(settings, temporal_compression=1):
         cfg_scale=settings["cfg_scale"],
         use_timestep_transform=settings.get("use_timestep_transform", False),
         transform_scale=settings.get("transform_scale", 1.0),
-        temporal_compression=temporal_compression,
     )

@@ -14,18 +14,18 @@ from schedulers.masking import FrameConditioning, condition_training_input, mean
 SAMPLE_METHODS = ("uniform", "logit-normal")
 
 
-def timestep_transform(t, height, width, num_frames, num_timesteps, temporal_compression=1, scale=1.0,
-                       base_resolution=512 * 512, base_num_frames=1):
+def timestep_transform(t, height, width, latent_frames, num_timesteps, scale=1.0, base_resolution=512 * 512,
+                       base_num_frames=1):
     """Shift timesteps towards noise for larger and longer videos (Open-Sora v1.2).
 
     ratio = sqrt(H*W / base_resolution) * sqrt(latent_frames / base_num_frames) * scale and
-    t' = ratio * t / (1 + (ratio - 1) * t) on t in [0, 1]. Latent frames are counted with the VAE's real
-    temporal compression (1 for a 2-D VAE); v1.2 hard-codes its 3-D VAE's 17 -> 5.
+    t' = ratio * t / (1 + (ratio - 1) * t) on t in [0, 1]. `latent_frames` is the latents' real frame count
+    (what the VAE made of the clip: 16 -> 16 for a 2-D VAE, 51 -> 15 for v1.2's), which v1.2 writes as its
+    VAE's `num_frames // 17 * 5`.
     """
     t = t / num_timesteps
     ratio_space = paddle.sqrt(height.astype("float32") * width.astype("float32") / base_resolution)
-    latent_frames = paddle.ceil(num_frames.astype("float32") / temporal_compression)
-    ratio_time = paddle.sqrt(latent_frames / base_num_frames)
+    ratio_time = (latent_frames / base_num_frames) ** 0.5
     ratio = ratio_space * ratio_time * scale
     return ratio * t / (1 + (ratio - 1) * t) * num_timesteps
 
@@ -42,7 +42,6 @@ class RFLOW:
         loc=0.0,
         scale=1.0,
         transform_scale=1.0,
-        temporal_compression=1,
     ):
         if sample_method not in SAMPLE_METHODS:
             raise ValueError(f"sample_method {sample_method!r} is not one of {SAMPLE_METHODS}")
@@ -56,15 +55,13 @@ class RFLOW:
         self.sample_method = sample_method
         self.loc, self.scale = loc, scale
         self.transform_scale = transform_scale
-        self.temporal_compression = temporal_compression
 
     @property
     def config(self):
         """The constructor arguments that rebuild this scheduler (saved as a pipeline's scheduler_config.json)."""
         return dict(num_sampling_steps=self.num_sampling_steps, num_timesteps=self.num_timesteps, cfg_scale=self.cfg_scale,
                     use_discrete_timesteps=self.use_discrete_timesteps, use_timestep_transform=self.use_timestep_transform,
-                    sample_method=self.sample_method, loc=self.loc, scale=self.scale, transform_scale=self.transform_scale,
-                    temporal_compression=self.temporal_compression)
+                    sample_method=self.sample_method, loc=self.loc, scale=self.scale, transform_scale=self.transform_scale)
 
     @property
     def num_inference_steps(self):
@@ -78,11 +75,9 @@ class RFLOW:
         noise_level = (t.astype("float32") / self.num_timesteps).reshape([-1] + [1] * (x_start.ndim - 1))
         return (1 - noise_level) * x_start + noise_level * noise
 
-    def transform(self, t, size_args):
-        return timestep_transform(
-            t, size_args["height"], size_args["width"], size_args["num_frames"], self.num_timesteps,
-            temporal_compression=self.temporal_compression, scale=self.transform_scale,
-        )
+    def transform(self, t, size_args, latent_frames):
+        return timestep_transform(t, size_args["height"], size_args["width"], latent_frames, self.num_timesteps,
+                                  scale=self.transform_scale)
 
     def sampling_timesteps(self):
         """The Euler grid T, T(1 - 1/N), ..., T/N as Python floats (before any transform)."""
@@ -102,7 +97,7 @@ class RFLOW:
         size_args = doubled(additional_args)
         timesteps = [paddle.full([batch], t, dtype="float32") for t in self.sampling_timesteps()]
         if self.use_timestep_transform:
-            timesteps = [self.transform(t, additional_args) for t in timesteps]
+            timesteps = [self.transform(t, additional_args, z.shape[2]) for t in timesteps]
         timesteps.append(paddle.zeros([batch], dtype="float32"))
         conditioning = None if mask is None else FrameConditioning(mask, self.num_timesteps, strict_model_mask=False)
 
@@ -139,7 +134,7 @@ class RFLOW:
         if t is None:
             t = self.sample_training_timesteps(batch)
             if self.use_timestep_transform:
-                t = self.transform(t, model_kwargs)
+                t = self.transform(t, model_kwargs, x_start.shape[2])
         t = t.astype("float32")
         noise = paddle.randn(x_start.shape, dtype=x_start.dtype) if noise is None else noise
         # conditioning frames are given clean (t = 0)

@@ -176,7 +176,7 @@ def test_timestep_shift_of_the_model_reaches_the_sampler(tmp_path):
     shifted = build_scheduler(vars(parse_args(argv + [model_dir], "test")))
     # 64x64, 16 frames: shift = sqrt(64*64 / 512^2) * sqrt(16) * 6 = 3, and t' = 3t / (1 + 2t)
     size = {key: paddle.to_tensor([value]) for key, value in dict(height=64.0, width=64.0, num_frames=16.0).items()}
-    t = shifted.transform(paddle.to_tensor([500.0]), size)
+    t = shifted.transform(paddle.to_tensor([500.0]), size, 16)
     assert float(t[0]) == pytest.approx(1000 * 1.5 / 2.0)
 
 

@@ -2,6 +2,7 @@
 latent frames, references, the latent frames and frame masks they fix (against hand-computed tables), and how
 loops condition each clip on the end of the one before."""
 
+import os
 import re
 import types
 
@@ -21,8 +22,13 @@ from pipelines.open_sora.conditioning import (
 )
 from pipelines.open_sora.pipeline_open_sora import OpenSoraPipeline
 from pipelines.open_sora.settings import build_scheduler, read_model_defaults
+from models.vae.vae import VideoAutoencoderKL
+from models.vae.vae_v1_2 import VideoAutoencoderV1_2, VideoAutoencoderV1_2Config
 from utils.errors import UserError
 from utils.media import encode_mp4
+
+# An image VAE's frame-to-latent map (frames are encoded one by one), without building a VAE.
+FRAME_VAE = types.SimpleNamespace(latent_frame_index=VideoAutoencoderKL.latent_frame_index)
 
 # ------------------------------------------------------------------------------------- mask groups
 
@@ -74,16 +80,13 @@ def test_span_names_the_frames_that_do_not_exist(group, problem):
     assert re.match(problem, error.value.problem), error.value.problem
 
 
-@pytest.mark.parametrize("group,reference_length,clip_length,compression,expected", [
-    (MaskGroup(), 1, 16, 1, (0, 0, 1)),
-    (MaskGroup(source_start=-3, target_start=2, length=3), 6, 5, 1, (3, 2, 3)),
-    (MaskGroup(), 1, 16, 4, (0, 0, 1)),  # an image fills one latent frame
-    (MaskGroup(source_start=-8, target_start=4, length=8), 16, 16, 4, (2, 1, 2)),
-    (MaskGroup(length=5), 8, 16, 4, (0, 0, 2)),  # a partial latent frame counts
-    (MaskGroup(target_start=-1), 1, 16, 4, (0, 3, 1)),  # the last pixel frame lies in the last latent frame
+@pytest.mark.parametrize("group,reference_length,clip_length,expected", [
+    (MaskGroup(), 1, 16, (0, 0, 1)),
+    (MaskGroup(source_start=-3, target_start=2, length=3), 6, 5, (3, 2, 3)),
+    (MaskGroup(target_start=-1), 1, 16, (0, 15, 1)),
 ])
-def test_latent_span(group, reference_length, clip_length, compression, expected):
-    assert latent_span(group, reference_length, clip_length, compression) == expected
+def test_latent_span_with_an_image_vae_is_the_pixel_span(group, reference_length, clip_length, expected):
+    assert latent_span(group, reference_length, clip_length, FRAME_VAE) == expected
 
 
 # ------------------------------------------------------------------------------------- references
@@ -205,7 +208,7 @@ def reference_latents(*lengths, channels=2):
 def test_fill_conditioned_frames_against_hand_computed_masks(groups, lengths, frames, expected_mask, expected_values):
     z = paddle.full([1, 2, frames, 1, 1], -1.0)
     item = EncodedConditions(reference_latents(*lengths), list(lengths), groups)
-    mask = fill_conditioned_frames(z, [item], loop=0, clip_length=frames, temporal_compression=1)
+    mask = fill_conditioned_frames(z, [item], loop=0, clip_length=frames, vae=FRAME_VAE)
     assert mask.shape == [1, frames] and mask.dtype == paddle.float32
     np.testing.assert_allclose(mask.numpy()[0], expected_mask, rtol=1e-6)
     values = z.numpy()[0, :, :, 0, 0]
@@ -213,22 +216,55 @@ def test_fill_conditioned_frames_against_hand_computed_masks(groups, lengths, fr
         assert values[0, frame] == values[1, frame] == expected_values.get(frame, -1.0)
 
 
-def test_fill_conditioned_frames_in_latent_frames():
-    # 8 pixel frames in 2 latent frames of 4: the last 4 pixel frames of a 16-frame reference (latent frame 3)
-    # start the clip, an image ends it.
-    z = paddle.full([1, 2, 2, 1, 1], -1.0)
-    item = EncodedConditions(reference_latents(4, 1), [16, 1],
-                             [MaskGroup(source_start=-4, length=4), MaskGroup(reference=1, target_start=-1, edit_ratio=0.5)])
-    mask = fill_conditioned_frames(z, [item], loop=0, clip_length=8, temporal_compression=4)
-    np.testing.assert_array_equal(mask.numpy(), [[0, 0.5]])
-    np.testing.assert_array_equal(z.numpy()[0, :, :, 0, 0], [[103, 200]] * 2)
+@pytest.fixture(scope="module")
+def video_vae():
+    """v1.2's video VAE (tiny widths, the released 17-frame chunks and 4x time compression)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "vae_v1_2", "tiny.json")
+    return VideoAutoencoderV1_2(VideoAutoencoderV1_2Config.from_json_file(path))
+
+
+def test_video_vae_places_frames_in_latent_frames_chunk_by_chunk(video_vae):
+    # A 17-frame chunk is padded in front to 20: latent 0 holds frame 0, latent k frames 4k-3..4k. A last chunk of
+    # 3 frames is padded to 4, so its 3 frames share one latent frame.
+    expected = {0: 0, 1: 1, 4: 1, 5: 2, 16: 4, 17: 5, 18: 6, 33: 9, 34: 10, 50: 14}
+    assert {frame: video_vae.latent_frame_index(frame, 51) for frame in expected} == expected
+    assert [video_vae.latent_frame_index(frame, 20) for frame in (16, 17, 18, 19)] == [4, 5, 5, 5]
+    assert video_vae.latent_frame_index(0, 1) == 0 and video_vae.chunk_latent_frames == 5
+    for frames in (1, 16, 17, 20, 51, 60):  # the last frame is in the last latent frame the VAE makes
+        assert video_vae.latent_frame_index(frames - 1, frames) + 1 == video_vae.get_latent_size([frames, None, None])[0]
+
+
+def test_latent_spans_with_a_video_vae_and_v12_align(video_vae):
+    # connect on 51 frames: the last frame is latent 14; align 5 moves it to the last chunk's start, as v1.2 does
+    last = MaskGroup(reference=1, target_start=-1)
+    assert latent_span(last, 1, 51, video_vae) == (0, 14, 1)
+    assert latent_span(last, 1, 51, video_vae, align=5) == (0, 10, 1)
+    # extend: the last 17 frames of a 34-frame video (its second chunk, latents 5-9) start the clip
+    assert latent_span(MaskGroup(source_start=-17, length=17), 34, 51, video_vae, align=5) == (5, 0, 5)
+    # frames 25-32 are latents 7-9; align moves the start to 5, the nearer chunk start, keeping 3 latent frames
+    assert latent_span(MaskGroup(source_start=25, length=8), 34, 51, video_vae) == (7, 0, 3)
+    assert latent_span(MaskGroup(source_start=25, length=8), 34, 51, video_vae, align=5) == (5, 0, 3)
+    # a start past the middle of a chunk goes to the next one, unless that leaves no whole chunk in the clip
+    assert latent_span(MaskGroup(target_start=12), 1, 51, video_vae, align=5) == (0, 5, 1)
+    assert latent_span(MaskGroup(target_start=44), 1, 51, video_vae, align=5) == (0, 10, 1)
+
+
+def test_fill_conditioned_frames_in_latent_frames(video_vae):
+    # 17 pixel frames in 5 latent frames: the last chunk of a 34-frame reference (latents 5-9) starts the clip,
+    # an image ends it (align 5: at the last chunk's start)
+    z = paddle.full([1, 2, 5, 1, 1], -1.0)
+    item = EncodedConditions(reference_latents(10, 1), [34, 1],
+                             [MaskGroup(source_start=-17, length=17), MaskGroup(reference=1, target_start=-1, edit_ratio=0.5)])
+    mask = fill_conditioned_frames(z, [item], loop=0, clip_length=17, vae=video_vae, align=1)
+    np.testing.assert_array_equal(mask.numpy(), [[0, 0, 0, 0, 0.5]])
+    np.testing.assert_array_equal(z.numpy()[0, :, :, 0, 0], [[105, 106, 107, 108, 200]] * 2)
 
 
 def test_groups_of_other_loops_are_skipped_not_stopping_at_them():
     z = paddle.zeros([2, 3, 4, 1, 1])  # batch 2, 3 channels: the mask is [batch, frames]
     items = [EncodedConditions([], [], []),
              EncodedConditions([paddle.full([3, 2, 1, 1], 7.0)], [2], [MaskGroup(loop=1), MaskGroup(0, 0, 1, 2, 1, 0.5)])]
-    masks = fill_conditioned_frames(z, items, loop=0, clip_length=4, temporal_compression=1)
+    masks = fill_conditioned_frames(z, items, loop=0, clip_length=4, vae=FRAME_VAE)
     np.testing.assert_array_equal(masks.numpy(), [[1, 1, 1, 1], [1, 1, 0.5, 1]])
     assert masks.dtype == paddle.float32
     np.testing.assert_array_equal(z.numpy()[0, :, :, 0, 0], [[0, 0, 0, 0]] * 3)
@@ -277,10 +313,10 @@ def test_a_loop_reference_starts_the_next_clip_and_copies_are_independent():
     assert (len(item.latents), item.lengths, item.mask_groups) == (1, [3], [MaskGroup()])  # the originals are kept
     assert empty.mask_groups == []
     z = paddle.full([2, 2, 5, 1, 1], -1.0)
-    mask = fill_conditioned_frames(z, copies, loop=1, clip_length=5, temporal_compression=1)
+    mask = fill_conditioned_frames(z, copies, loop=1, clip_length=5, vae=FRAME_VAE)
     np.testing.assert_array_equal(mask.numpy(), [[0, 0, 1, 1, 1], [0, 0, 1, 1, 1]])
     np.testing.assert_array_equal(z.numpy()[:, 0, :, 0, 0], [[9, 9, -1, -1, -1]] * 2)
-    mask = fill_conditioned_frames(paddle.zeros([2, 2, 5, 1, 1]), copies, loop=0, clip_length=5, temporal_compression=1)
+    mask = fill_conditioned_frames(paddle.zeros([2, 2, 5, 1, 1]), copies, loop=0, clip_length=5, vae=FRAME_VAE)
     np.testing.assert_array_equal(mask.numpy(), [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
 
 
@@ -306,12 +342,17 @@ class RecordingScheduler:
 class CopyVAE:
     """Latents are the pixels plus a copy of the first channel; decoding drops it."""
 
-    temporal_compression, out_channels, dtype = 1, 4, "float32"
+    out_channels, dtype, chunk_latent_frames = 4, "float32", 1
+    latent_frame_index = staticmethod(FRAME_VAE.latent_frame_index)
+
+    def get_latent_size(self, input_size):
+        return list(input_size)
 
     def encode(self, x):
         return paddle.concat([x, x[:, :1]], axis=1)
 
-    def decode(self, z):
+    def decode(self, z, num_frames):
+        assert num_frames == z.shape[2]
         return z[:, :3]
 
 
@@ -325,7 +366,7 @@ def test_loops_condition_each_clip_on_the_end_of_the_previous_one_and_drop_the_r
     encoded = [EncodedConditions([], [], []), EncodedConditions([paddle.full([4, 1, 1, 1], 7.0)], [1], [MaskGroup()])]
     videos = OpenSoraPipeline.generate_long_video(
         fake, [["a", "b", "c"], ["d", "e", "f"]], encoded, scheduler, num_frames=5, height=1, width=1, fps=8, loop=3,
-        condition_frame_length=2, guidance_scale=4.0, output_type="np", step_callback=lambda i, t, z: z,
+        condition_frame_length=2, align=1, guidance_scale=4.0, output_type="np", step_callback=lambda i, t, z: z,
     )
     assert scheduler.prompts == [["a", "d"], ["b", "e"], ["c", "f"]]
     assert scheduler.masks == [[[1] * 5, [0, 1, 1, 1, 1]], [[0, 0, 1, 1, 1]] * 2, [[0, 0, 1, 1, 1]] * 2]

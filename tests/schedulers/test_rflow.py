@@ -7,18 +7,17 @@ from schedulers.rflow import RFLOW, timestep_transform
 
 def test_timestep_transform_matches_numpy():
     t = np.array([1000.0, 700.0, 250.0, 10.0], dtype="float32")
-    height, width, frames = np.array([256.0, 480, 64, 64]), np.array([256.0, 854, 64, 96]), np.array([16.0, 51, 1, 16])
+    height, width, frames = np.array([256.0, 480, 64, 64]), np.array([256.0, 854, 64, 96]), np.array([16.0, 15, 1, 16])
     ours = timestep_transform(
-        paddle.to_tensor(t), paddle.to_tensor(height), paddle.to_tensor(width), paddle.to_tensor(frames), 1000,
-        temporal_compression=1,
+        paddle.to_tensor(t), paddle.to_tensor(height), paddle.to_tensor(width), paddle.to_tensor(frames), 1000
     ).numpy()
     ratio = np.sqrt(height * width / 512**2) * np.sqrt(frames)
     s = t / 1000
     np.testing.assert_allclose(ours, ratio * s / (1 + (ratio - 1) * s) * 1000, rtol=1e-5)
-    # a 4x temporal compression counts ceil(frames / 4) latent frames
-    compressed = timestep_transform(paddle.to_tensor(t), paddle.to_tensor(height), paddle.to_tensor(width), paddle.to_tensor(frames), 1000, temporal_compression=4).numpy()
-    ratio = np.sqrt(height * width / 512**2) * np.sqrt(np.ceil(frames / 4))
-    np.testing.assert_allclose(compressed, ratio * s / (1 + (ratio - 1) * s) * 1000, rtol=1e-5)
+    # one latent frame count for the whole batch, as the samplers pass it
+    single = timestep_transform(paddle.to_tensor(t), paddle.to_tensor(height), paddle.to_tensor(width), 5, 1000).numpy()
+    ratio = np.sqrt(height * width / 512**2) * np.sqrt(5)
+    np.testing.assert_allclose(single, ratio * s / (1 + (ratio - 1) * s) * 1000, rtol=1e-5)
 
 
 def test_add_noise_convention():
@@ -142,9 +141,9 @@ def test_training_loss_ignores_conditioning_frames_and_timestep_sampling():
     assert float(clean[0]) == pytest.approx(expected, rel=1e-5)
 
 
-def shifted(t, height, width, frames, num_timesteps=1000, compression=1, scale=1.0, base_frames=1):
+def shifted(t, height, width, latent_frames, num_timesteps=1000, scale=1.0, base_frames=1):
     """Open-Sora v1.2's timestep shift in numpy."""
-    ratio = np.sqrt(height * width / 512**2) * np.sqrt(np.ceil(frames / compression) / base_frames) * scale
+    ratio = np.sqrt(height * width / 512**2) * np.sqrt(latent_frames / base_frames) * scale
     s = t / num_timesteps
     return ratio * s / (1 + (ratio - 1) * s) * num_timesteps
 
@@ -155,10 +154,11 @@ def test_timestep_transform_defaults_scale_and_base_frames():
     np.testing.assert_allclose(timestep_transform(*tensors, 1000).numpy(), shifted(t, size, size, np.array([16.0, 9.0])), rtol=1e-5)
     ours = timestep_transform(*tensors, 1000, scale=3.0, base_num_frames=4).numpy()
     np.testing.assert_allclose(ours, shifted(t, size, size, np.array([16.0, 9.0]), scale=3.0, base_frames=4), rtol=1e-5)
-    flow = RFLOW(transform_scale=2.0, temporal_compression=4)
-    size_args = dict(height=paddle.to_tensor(size), width=paddle.to_tensor(size), num_frames=paddle.to_tensor([16.0, 9.0]))
-    np.testing.assert_allclose(flow.transform(paddle.to_tensor(t), size_args).numpy(),
-                               shifted(t, size, size, np.array([16.0, 9.0]), compression=4, scale=2.0), rtol=1e-5)
+    flow = RFLOW(transform_scale=2.0)
+    # v1.2's VAE makes 51 frames into 15 latent frames: the shift counts the latents, not the pixel frames
+    size_args = dict(height=paddle.to_tensor(size), width=paddle.to_tensor(size), num_frames=paddle.to_tensor([51.0, 51.0]))
+    np.testing.assert_allclose(flow.transform(paddle.to_tensor(t), size_args, 15).numpy(),
+                               shifted(t, size, size, 15, scale=2.0), rtol=1e-5)
 
 
 def test_defaults_are_open_sora_v12s():
@@ -206,7 +206,8 @@ def test_training_draws_shifted_timesteps_and_noise_when_not_given(size_args):
     noise = paddle.randn(x.shape)
     model = RecordingVelocity()
     paddle.seed(5)
-    loss = flow.training_losses(model, x, size_args(3))["loss"].numpy()
+    # 13 pixel frames in 4 latent frames (a 3-D VAE's compression): the shift counts the 4 latent frames
+    loss = flow.training_losses(model, x, {**size_args(3), "num_frames": paddle.full([3], 13.0)})["loss"].numpy()
     np.testing.assert_allclose(model.t, shifted(raw, 64.0, 64.0, 4.0, scale=2.0), rtol=1e-5)
     s = (model.t / 1000).reshape([-1, 1, 1, 1, 1])
     x_t = (1 - s) * x.numpy() + s * noise.numpy()
@@ -270,8 +271,7 @@ def test_guidance_covers_every_latent_channel(text_encoder, make_fake_model, siz
 
 def test_config_rebuilds_the_scheduler_and_steps_can_be_changed():
     given = dict(num_sampling_steps=7, num_timesteps=500, cfg_scale=2.5, use_discrete_timesteps=False,
-                 use_timestep_transform=True, sample_method="logit-normal", loc=0.3, scale=1.7, transform_scale=6.0,
-                 temporal_compression=4)
+                 use_timestep_transform=True, sample_method="logit-normal", loc=0.3, scale=1.7, transform_scale=6.0)
     flow = RFLOW(**given)
     assert flow.config == given
     assert RFLOW(**flow.config).config == given
