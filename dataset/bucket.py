@@ -1,7 +1,7 @@
 """Multi-resolution, variable-length buckets (Open-Sora v1.1) and the batch sampler that draws from them.
 
 A bucket config is a JSON object `{resolution: {num_frames: [keep_prob, batch_size]}}` with resolutions
-from dataset/aspect.py, e.g. configs/buckets/stage1.json. A clip goes to the largest resolution it covers
+from utils/aspect.py, e.g. configs/buckets/stage1.json. A clip goes to the largest resolution it covers
 (at least 80% of its pixels) and, within it, to the longest frame count it has more frames than (times the
 frame interval), if a random draw keeps it there with `keep_prob`; otherwise it tries the next resolution
 down. Its aspect ratio picks the closest (height, width) of that resolution's table.
@@ -13,7 +13,7 @@ import os
 import numpy as np
 from paddle.io import DistributedBatchSampler
 
-from dataset.aspect import ASPECT_RATIOS, get_closest_ratio
+from utils.aspect import ASPECT_RATIOS, get_closest_ratio
 from utils.errors import UserError
 
 RESOLUTION_COVERAGE = 0.8

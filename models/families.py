@@ -18,8 +18,10 @@ TRANSFORMER_CLASSES = {"STDiT2": (STDiT2, STDiT2Config), "STDiT3": (STDiT3, STDi
 
 
 def transformer_type(path):
-    """"STDiT2" or "STDiT3": the model_type of a transformer directory's config.json, read without weights."""
-    values = read_json_object(os.path.join(path, CONFIG_NAME), "transformer config") if os.path.isdir(path) else {}
+    """"STDiT2" or "STDiT3": the model_type of a transformer directory's config.json, read without weights.
+    A directory without a config is left to the STDiT2 loader, whose error says what it needs."""
+    config_path = os.path.join(path, CONFIG_NAME)
+    values = read_json_object(config_path, "transformer config") if os.path.isfile(config_path) else {}
     model_type = values.get("model_type", "STDiT2")
     if model_type not in TRANSFORMER_CLASSES:
         raise UserError(f"{path}: model_type {model_type!r} is not one of {sorted(TRANSFORMER_CLASSES)}; convert "

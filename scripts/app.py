@@ -88,13 +88,13 @@ def check_can_listen(host, port):
 
 def load_pipeline(args):
     """The shipped model or a pipeline directory as it is; separate directories with the sampler and size the
-    STDiT2 was trained for (its inference.json), or Open-Sora v1.1's defaults, as scripts/inference.py does."""
+    STDiT was trained for (its inference.json), or its family's sample defaults, as scripts/inference.py does."""
     from pipelines import OpenSoraPipeline
-    from pipelines.open_sora.settings import OPEN_SORA_DEFAULTS, build_scheduler, is_pipeline_dir, read_model_defaults
+    from pipelines.open_sora.settings import build_scheduler, family_defaults, is_pipeline_dir, read_model_defaults
 
     if is_pipeline_dir(args.model_path):
         return OpenSoraPipeline.from_pretrained(args.model_path, dtype=args.dtype)
-    settings = {**OPEN_SORA_DEFAULTS, **read_model_defaults(args.model_path)}
+    settings = {**family_defaults(args.model_path), **read_model_defaults(args.model_path)}
     height, width = settings["image_size"]
     trained_size = dict(num_frames=settings["num_frames"], height=height, width=width, fps=settings["fps"],
                         frame_interval=settings["frame_interval"])

@@ -21,13 +21,13 @@ from utils.errors import run_cli  # noqa: E402
 def main(argv):
     import argparse
 
-    from pipelines.open_sora.settings import OPEN_SORA_DEFAULTS, build_scheduler, read_model_defaults
+    from pipelines.open_sora.settings import build_scheduler, family_defaults, read_model_defaults
     from utils.errors import UserError
     from utils.runtime import quiet_library_logs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-path", required=True, help="STDiT2 directory (config.json, model.safetensors)")
-    parser.add_argument("--vae-path", required=True, help="ppdiffusers AutoencoderKL directory")
+    parser.add_argument("--model-path", required=True, help="STDiT2 or STDiT3 directory (config.json, model.safetensors)")
+    parser.add_argument("--vae-path", required=True, help="ppdiffusers AutoencoderKL or v1.2 video VAE directory")
     parser.add_argument("--text-encoder-path", required=True, help="paddlenlp T5 directory with its tokenizer")
     parser.add_argument("--output-dir", required=True, help="the pipeline directory to write (replaced if it exists)")
     parser.add_argument("--sampler", choices=["iddpm", "rflow"])
@@ -40,7 +40,7 @@ def main(argv):
 
     from pipelines import OpenSoraPipeline
 
-    settings = {**OPEN_SORA_DEFAULTS, **read_model_defaults(args.model_path)}
+    settings = {**family_defaults(args.model_path), **read_model_defaults(args.model_path)}
     settings.update({key: value for key, value in vars(args).items() if key in settings and value is not None})
     height, width = settings["image_size"]
     pipe = OpenSoraPipeline.from_component_paths(

@@ -17,15 +17,16 @@ import os
 import sys
 
 from pipelines.open_sora.conditioning import Conditions, MaskGroup, MaskGroupError, Reference
-from pipelines.open_sora.pipeline_open_sora import clean_prompt
+from pipelines.open_sora.pipeline_open_sora import CAMERA_MOTIONS, clean_prompt
 from pipelines.open_sora.settings import (
     DEFAULT_MODEL_DIR,
-    OPEN_SORA_DEFAULTS,
     build_scheduler,
+    family_defaults,
     is_pipeline_dir,
     read_model_defaults,
     transformer_dir,
 )
+from utils import aspect
 from utils.errors import UserError
 from utils.io import ensure_writable_dir, read_json_object
 from utils.media import save_video
@@ -47,6 +48,11 @@ GENERIC_DEFAULTS = dict(
     condition_frame_length=None,
     reference_path=None,
     mask_strategy=None,
+    resolution=None,
+    aspect_ratio=None,
+    align=None,
+    flow=None,
+    camera_motion=None,
     dtype="fp32",
     micro_batch_size=4,
     quiet=False,
@@ -72,8 +78,10 @@ def build_parser(description):
     add("--config", help="JSON file of defaults for any of these flags (keys with underscores)")
     add("--prompt", nargs="+", help="one or more prompts; a JSON tail {\"reference_path\": ..., \"mask_strategy\": ...} adds conditioning")
     add("--prompt-path", help="text file with one prompt per line")
-    add("--num-frames", type=int, help="frames per generated clip")
+    add("--num-frames", help="frames per generated clip: a count, or 2s, 4s, 8s, 16s, 32s (51 frames per 2 s, as v1.2)")
     add("--image-size", type=int, nargs=2, metavar=("H", "W"), help="height and width in pixels")
+    add("--resolution", help="size by name instead of --image-size: 144p, 240p, 360p, 480p, 720p, ... (v1.2)")
+    add("--aspect-ratio", help="with --resolution: height:width name, e.g. 9:16 (landscape, the default), 1:1, 16:9")
     add("--fps", type=int, help="frame rate the model is conditioned on; the video is saved at fps // frame-interval")
     add("--frame-interval", type=int, help="frame interval the model was trained with")
     add("--sample-name", help="output file prefix (default: sample)")
@@ -82,7 +90,13 @@ def build_parser(description):
     add("--batch-size", type=int, help="prompts sampled together")
     add("--num-sample", type=int, help="samples per prompt (files get a -k suffix)")
     add("--loop", type=int, help="clips chained into one long video")
-    add("--condition-frame-length", type=int, help="frames of the previous clip that condition the next one")
+    add("--condition-frame-length", type=int, help="frames of the previous clip that condition the next one "
+        "(default: 17 with a v1.2 VAE, a quarter of --num-frames otherwise)")
+    add("--align", type=int, help="conditioned latent frames start at a multiple of this (default: 5 with a v1.2 VAE, "
+        "its chunk of 17 frames; 1 = where the frames fall)")
+    add("--aes", type=float, help="v1.2: aesthetic score appended to the prompt (default 6.5 for v1.2 models)")
+    add("--flow", type=float, help="v1.2: motion score appended to the prompt")
+    add("--camera-motion", help=f"v1.2: camera motion appended to the prompt: {', '.join(CAMERA_MOTIONS)}")
     add("--reference-path", nargs="+", help="per prompt: ';'-separated reference images/videos")
     add("--mask-strategy", nargs="+", help="per prompt: mask strategy (see README)")
     add("--sampler", choices=["iddpm", "rflow"], help="diffusion sampler")
@@ -90,7 +104,7 @@ def build_parser(description):
     add("--cfg-scale", type=float, help="classifier-free guidance scale")
     add("--cfg-channel", type=int, help="iddpm: guide only the first n latent channels (the original uses 3)")
     add("--dtype", choices=sorted(DTYPES), help="precision of STDiT2 and VAE (fp16/bf16 need a GPU)")
-    add("--model-path", help="STDiT2 or pipeline directory (default: the shipped model in assets/default_model)")
+    add("--model-path", help="STDiT2/STDiT3 or pipeline directory (default: the shipped model in assets/default_model)")
     add("--vae-path", help="ppdiffusers AutoencoderKL directory")
     add("--text-encoder-path", help="paddlenlp T5 directory")
     add("--micro-batch-size", type=int, help="frames the VAE decodes at once (bounds its memory)")
@@ -113,11 +127,13 @@ def parse_args(argv, description):
 
     model_path = cli.get("model_path", file_values.get("model_path", DEFAULT_MODEL_DIR))
     if not os.path.isdir(model_path):
-        raise UserError(f"--model-path {model_path}: STDiT2 model directory not found; give a directory written by "
-                        "save_pretrained or by scripts/convert_checkpoint.py stdit2")
+        raise UserError(f"--model-path {model_path}: model directory not found; give a directory written by "
+                        "save_pretrained or by scripts/convert_checkpoint.py stdit2 or stdit3")
     trained_for = read_model_defaults(model_path)
-    args = argparse.Namespace(**{**GENERIC_DEFAULTS, **OPEN_SORA_DEFAULTS, **trained_for, **file_values, **cli})
+    given = {**file_values, **cli}
+    args = argparse.Namespace(**{**GENERIC_DEFAULTS, **family_defaults(model_path), **trained_for, **given})
     args.model_path = model_path
+    resolve_size_names(args, given)
     args.trained_size = (trained_for["num_frames"], list(trained_for["image_size"])) if "image_size" in trained_for else None
     if not is_pipeline_dir(model_path):
         for required in ("vae_path", "text_encoder_path"):
@@ -125,6 +141,18 @@ def parse_args(argv, description):
                 raise UserError(f"--{required.replace('_', '-')} is required with --model-path {model_path}")
     validate_args(args)
     return args
+
+
+def resolve_size_names(args, given):
+    """v1.2's size names: `--num-frames 4s` -> 102 frames, `--resolution 240p --aspect-ratio 9:16` -> 240x426."""
+    try:
+        args.num_frames = aspect.num_frames(args.num_frames)
+        if given.get("resolution") is not None or given.get("aspect_ratio") is not None:
+            if "image_size" in given:
+                raise UserError("give either --image-size or --resolution/--aspect-ratio, not both")
+            args.image_size = aspect.image_size(args.resolution or "240p", args.aspect_ratio or "9:16")
+    except ValueError as error:
+        raise UserError(f"--{str(error).replace('_', '-')}") from None
 
 
 def validate_args(args):
@@ -146,6 +174,10 @@ def validate_args(args):
             f"--condition-frame-length {args.condition_frame_length} must be between 1 and --num-frames - 1 "
             f"({args.num_frames - 1})"
         )
+    if args.align is not None and args.align < 1:
+        raise UserError(f"--align must be a positive number of latent frames, got {args.align}")
+    if args.camera_motion is not None and args.camera_motion not in CAMERA_MOTIONS:
+        raise UserError(f"--camera-motion {args.camera_motion!r} is not one of {list(CAMERA_MOTIONS)}")
     if args.micro_batch_size is not None and args.micro_batch_size < 1:
         raise UserError(f"--micro-batch-size must be a positive integer, got {args.micro_batch_size}")
     if args.dtype not in DTYPES:
@@ -350,6 +382,7 @@ def generate(pipe, args, jobs, image_size):
         output = pipe(
             [job.texts for job in batch], conditions=[job.conditions for job in batch], num_frames=args.num_frames,
             height=height, width=width, fps=args.fps, loop=args.loop, condition_frame_length=args.condition_frame_length,
+            align=args.align, aesthetic_score=args.aes, motion_score=args.flow, camera_motion=args.camera_motion,
             num_inference_steps=args.num_sampling_steps, guidance_scale=args.cfg_scale, seed=args.seed + batch[0].index,
             num_videos_per_prompt=args.num_sample,
         )

@@ -1,9 +1,10 @@
 """Sampling settings a model was trained for, and the schedulers they describe.
 
-A trained STDiT2 directory carries `inference.json` (written by the trainer): its size, frame rate and the
+A trained STDiT directory carries `inference.json` (written by the trainer): its size, frame rate and the
 sampler settings it was trained with, in the command line's vocabulary (`sampler`, `num_sampling_steps`,
 `cfg_scale`, ...). A pipeline directory records the same in `model_index.json` and its scheduler's config.
-Models without either get Open-Sora v1.1's sample defaults.
+Models without either get the sample defaults of their family: Open-Sora v1.1's for an STDiT2, v1.2's for an
+STDiT3.
 """
 
 import os
@@ -30,6 +31,23 @@ OPEN_SORA_DEFAULTS = dict(
     # rflow only (Open-Sora v1.2): shift the sampling timesteps towards noise, as the model was trained.
     use_timestep_transform=False,
     transform_scale=1.0,
+    aes=None,
+)
+
+# Open-Sora v1.2 `configs/opensora-v1-2/inference/sample.py` (240p at 9:16), used for STDiT3 models without an
+# inference.json.
+OPEN_SORA_V1_2_DEFAULTS = dict(
+    num_frames=51,
+    image_size=[240, 426],
+    fps=24,
+    frame_interval=1,
+    sampler="rflow",
+    num_sampling_steps=30,
+    cfg_scale=7.0,
+    cfg_channel=None,
+    use_timestep_transform=True,
+    transform_scale=1.0,
+    aes=6.5,
 )
 
 
@@ -40,6 +58,13 @@ def is_pipeline_dir(path):
 def transformer_dir(path):
     """The STDiT2 directory of `path`: a pipeline directory's transformer folder, or `path` itself."""
     return os.path.join(path, "transformer") if is_pipeline_dir(path) else path
+
+
+def family_defaults(model_path):
+    """The sample defaults of the family of a transformer or pipeline directory (read from its config)."""
+    from models.families import transformer_type
+
+    return OPEN_SORA_V1_2_DEFAULTS if transformer_type(transformer_dir(model_path)) == "STDiT3" else OPEN_SORA_DEFAULTS
 
 
 def read_model_defaults(model_path):

@@ -1,5 +1,6 @@
-"""Aspect-ratio bucket tables of Open-Sora v1.1: for each resolution name, its pixel count and a
-table {aspect ratio (height / width, as a 2-decimal string): (height, width)}.
+"""Video sizes by name, as Open-Sora names them: for each resolution name, its pixel count and a table
+{aspect ratio (height / width, as a 2-decimal string): (height, width)} (the buckets of training); the
+`--aspect-ratio` names of v1.2's command line; and its `--num-frames` names.
 
 The numbers are those of the original, so bucket configs written for it select the same sizes. "64px" is
 ours: the 64x64 toy world of the shipped model (64 * 64 pixels), with sizes rounded to multiples of 8.
@@ -308,3 +309,41 @@ def get_closest_ratio(height, width, ratios):
     """The key of `ratios` nearest to height / width."""
     aspect_ratio = height / width
     return min(ratios, key=lambda ratio: abs(float(ratio) - aspect_ratio))
+
+
+# `--aspect-ratio H:W` -> the key of a resolution's table; "9:16" is Open-Sora's landscape 240x426.
+ASPECT_RATIO_NAMES = {
+    "3:8": "0.38", "9:21": "0.43", "12:25": "0.48", "1:2": "0.50", "9:17": "0.53", "27:50": "0.54", "9:16": "0.56",
+    "5:8": "0.62", "2:3": "0.67", "3:4": "0.75", "1:1": "1.00", "4:3": "1.33", "3:2": "1.50", "16:9": "1.78",
+    "17:9": "1.89", "2:1": "2.00", "50:27": "2.08",
+}
+# `--num-frames` by duration at 24 fps (2s) or by multiples of 51 frames (1x), as v1.2's command line.
+NUM_FRAMES_NAMES = {"1x": 51, "2x": 102, "4x": 204, "8x": 408, "16x": 816,
+                    "2s": 51, "4s": 102, "8s": 204, "16s": 408, "32s": 816}
+
+
+def image_size(resolution, aspect_ratio):
+    """[height, width] of a resolution name ("240p") at an aspect ratio name ("9:16"), or ValueError naming the
+    choices."""
+    if resolution not in ASPECT_RATIOS:
+        raise ValueError(f"resolution {resolution!r} is not one of {list(ASPECT_RATIOS)}")
+    table = ASPECT_RATIOS[resolution][1]
+    key = ASPECT_RATIO_NAMES.get(aspect_ratio)
+    if key not in table:
+        choices = [name for name, key in ASPECT_RATIO_NAMES.items() if key in table]
+        raise ValueError(f"aspect_ratio {aspect_ratio!r} is not one of {choices} at {resolution}")
+    return list(table[key])
+
+
+def num_frames(value):
+    """A frame count from an integer or a name of NUM_FRAMES_NAMES ("4s"), or ValueError naming the choices."""
+    if isinstance(value, str) and value in NUM_FRAMES_NAMES:
+        return NUM_FRAMES_NAMES[value]
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"num_frames {value!r} is neither a frame count nor one of {list(NUM_FRAMES_NAMES)}") from None
+    if isinstance(value, float) and value != count:
+        raise ValueError(f"num_frames {value!r} is not a whole number of frames")
+    return count
+
