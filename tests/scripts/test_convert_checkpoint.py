@@ -95,7 +95,7 @@ def test_stdit3_hf_directory_converts_to_the_original_outputs(tmp_path):
     # In process: the command line around it is the one stdit2's test runs.
     convert_stdit("stdit3", str(source), str(tmp_path / "out"))
     converted_config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert converted_config["freeze_y_embedder"] is True and "model_type" not in converted_config
+    assert converted_config["freeze_y_embedder"] is True and converted_config["model_type"] == "STDiT3"
     model = STDiT3.from_pretrained(str(tmp_path / "out"))
     model.eval()
     size = {k[len("size/"):]: paddle.to_tensor(fixture[k]) for k in fixture.files if k.startswith("size/")}
