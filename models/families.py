@@ -17,16 +17,32 @@ from utils.io import read_json_object
 TRANSFORMER_CLASSES = {"STDiT2": (STDiT2, STDiT2Config), "STDiT3": (STDiT3, STDiT3Config)}
 
 
-def transformer_type(path):
-    """"STDiT2" or "STDiT3": the model_type of a transformer directory's config.json, read without weights.
-    A directory without a config is left to the STDiT2 loader, whose error says what it needs."""
-    config_path = os.path.join(path, CONFIG_NAME)
-    values = read_json_object(config_path, "transformer config") if os.path.isfile(config_path) else {}
+def model_type_of(values, source):
+    """"STDiT2" or "STDiT3": a config's model_type (STDiT2 when it has none)."""
     model_type = values.get("model_type", "STDiT2")
     if model_type not in TRANSFORMER_CLASSES:
-        raise UserError(f"{path}: model_type {model_type!r} is not one of {sorted(TRANSFORMER_CLASSES)}; convert "
+        raise UserError(f"{source}: model_type {model_type!r} is not one of {sorted(TRANSFORMER_CLASSES)}; convert "
                         "official weights with scripts/convert_checkpoint.py stdit2 or stdit3")
     return model_type
+
+
+def transformer_type(path):
+    """The model_type of a transformer directory's config.json, read without weights. A directory without a
+    config is left to the STDiT2 loader, whose error says what it needs."""
+    config_path = os.path.join(path, CONFIG_NAME)
+    values = read_json_object(config_path, "transformer config") if os.path.isfile(config_path) else {}
+    return model_type_of(values, path)
+
+
+def read_transformer_config_file(path):
+    """The STDiT2Config or STDiT3Config of a JSON config file (e.g. configs/stdit3/tiny.json)."""
+    values = read_json_object(path, "transformer config (e.g. configs/stdit2/tiny.json)")
+    return TRANSFORMER_CLASSES[model_type_of(values, path)][1].from_dict(values, source=path)
+
+
+def transformer_class(config):
+    """STDiT2 or STDiT3, the model a config builds."""
+    return TRANSFORMER_CLASSES[config.model_name][0]
 
 
 def read_transformer_config(path):

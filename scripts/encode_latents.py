@@ -22,12 +22,12 @@ def main(argv):
 
     from dataset.datasets import VariableVideoTextDataset
     from dataset.latents import encode_dataset
-    from models.vae.vae import VideoAutoencoderKL
+    from models.families import load_vae
     from utils.runtime import configure_cpu_runtime
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-path", required=True, help="meta CSV of the clips")
-    parser.add_argument("--vae-path", required=True, help="ppdiffusers AutoencoderKL directory")
+    parser.add_argument("--vae-path", required=True, help="ppdiffusers AutoencoderKL or v1.2 video VAE directory")
     parser.add_argument("--num-frames", type=int, required=True)
     parser.add_argument("--image-size", type=int, nargs=2, required=True, metavar=("H", "W"))
     parser.add_argument("--frame-interval", type=int, default=1)
@@ -40,7 +40,7 @@ def main(argv):
         args.data_path, frame_interval=args.frame_interval, num_frames=args.num_frames,
         image_size=tuple(args.image_size), random_start=False,
     )
-    vae = VideoAutoencoderKL.from_pretrained(args.vae_path)
+    vae = load_vae(args.vae_path)
     csv_path = encode_dataset(dataset, vae, args.output_dir, os.path.join(args.output_dir, "latents.csv"), args.batch_size)
     print(csv_path)
 

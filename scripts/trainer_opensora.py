@@ -1,4 +1,4 @@
-"""Train STDiT2 with the paddlenlp Trainer.
+"""Train STDiT2 (Open-Sora v1.1) or STDiT3 (v1.2) with the paddlenlp Trainer.
 
 Single process:   python scripts/trainer_opensora.py --do_train --output_dir ./exp_output --max_steps 100
 Several devices:  python -u -m paddle.distributed.launch --gpus "0,1,2,3" scripts/trainer_opensora.py --do_train ...
@@ -21,6 +21,7 @@ def main(argv):
     # Intel OpenMP threads otherwise spin after each parallel region and, once the optimizer has run, slow
     # the next kernels several-fold on a small CPU. Must be set before Paddle is imported.
     os.environ.setdefault("KMP_BLOCKTIME", "0")
+    import dataclasses
     import json
 
     from utils.runtime import configure_cpu_runtime, quiet_library_logs
@@ -33,9 +34,8 @@ def main(argv):
     from dataset.datasets import VariableVideoTextDataset, collate_batch
     from dataset.latents import LatentTextDataset, collate_latents
     from dataset.sampler import build_batch_sampler
-    from models.stdit.stdit2 import STDiT2
+    from models.families import load_transformer, load_vae, transformer_class
     from models.text_encoder.t5 import T5Encoder
-    from models.vae.vae import VideoAutoencoderKL
     from trainer.mask_generator import MaskGenerator
     from trainer.setup import (
         build_training_scheduler,
@@ -43,6 +43,7 @@ def main(argv):
         check_replicas_agree,
         configure_precision,
         configure_reporting,
+        freeze_options,
         pretrained_model_path,
         read_model_source,
         resolve_diffusion_settings,
@@ -108,18 +109,13 @@ def main(argv):
     configure_cpu_runtime()
     set_seed(training_args.seed)
 
-    # ---- frozen encoders and the STDiT2 to train
-    vae = VideoAutoencoderKL.from_pretrained(model_args.vae_path, micro_batch_size=model_args.vae_micro_batch_size or None)
+    # ---- frozen encoders and the STDiT2/STDiT3 to train
+    vae = load_vae(model_args.vae_path, micro_batch_size=model_args.vae_micro_batch_size or None)
+    overrides = dict(gradient_checkpointing=model_args.gradient_checkpointing, **freeze_options(config, model_args.freeze))
     if model_args.model_config:
-        config.gradient_checkpointing = model_args.gradient_checkpointing
-        config.freeze = model_args.freeze
-        model = STDiT2(config)
+        model = transformer_class(config)(dataclasses.replace(config, **overrides))
     else:
-        model = STDiT2.from_pretrained(
-            pretrained_model_path(model_args),
-            gradient_checkpointing=model_args.gradient_checkpointing,
-            freeze=model_args.freeze,
-        )
+        model = load_transformer(pretrained_model_path(model_args), **overrides)
     text_encoder = T5Encoder.from_pretrained(model_args.text_encoder_path, model_max_length=config.model_max_length)
     scheduler = build_training_scheduler(settings, model_args.rflow_sample_method, vae)
 

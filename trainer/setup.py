@@ -6,7 +6,7 @@ import os
 import paddle
 from paddlenlp.utils.log import logger
 
-from models.stdit.stdit2 import STDiT2Config
+from models.families import read_transformer_config, read_transformer_config_file, read_vae_config
 from schedulers.rflow import SAMPLE_METHODS
 from pipelines.open_sora.settings import DEFAULT_MODEL_DIR, read_model_defaults, transformer_dir
 from utils.errors import UserError
@@ -25,8 +25,8 @@ class DiffusionSettings:
 
 
 def pretrained_model_path(model_args):
-    """The STDiT2 directory to fine-tune (a pipeline directory's transformer), or None for a new model from
-    --model_config."""
+    """The STDiT2/STDiT3 directory to fine-tune (a pipeline directory's transformer), or None for a new model
+    from --model_config."""
     if model_args.model_config and model_args.pretrained_model_path:
         raise UserError(
             "--model_config starts a new, randomly initialised model and --pretrained_model_path fine-tunes an "
@@ -38,11 +38,12 @@ def pretrained_model_path(model_args):
 
 
 def read_model_source(model_args):
-    """(STDiT2Config, the settings the fine-tuned model was trained for or {}), read without loading any weights."""
+    """(STDiT2Config or STDiT3Config, the settings the fine-tuned model was trained for or {}), read without
+    loading any weights."""
     path = pretrained_model_path(model_args)
     if path is None:
-        return STDiT2Config.from_json_file(model_args.model_config), {}
-    return STDiT2Config.from_pretrained(path), read_model_defaults(model_args.pretrained_model_path or DEFAULT_MODEL_DIR)
+        return read_transformer_config_file(model_args.model_config), {}
+    return read_transformer_config(path), read_model_defaults(model_args.pretrained_model_path or DEFAULT_MODEL_DIR)
 
 
 def first_given(*values):
@@ -72,7 +73,7 @@ def resolve_diffusion_settings(model_args, config, model_defaults):
     )
     if sampler == "iddpm" and not config.pred_sigma:
         raise UserError(
-            "--sampler iddpm trains Open-Sora v1.1's learned variance, but this STDiT2 has pred_sigma false (it "
+            f"--sampler iddpm trains Open-Sora v1.1's learned variance, but this {config.model_name} has pred_sigma false (it "
             "predicts no sigma); use --sampler rflow, or a --model_config with \"pred_sigma\": true"
         )
     if settings.use_timestep_transform and sampler != "rflow":
@@ -110,25 +111,24 @@ def configure_reporting(training_args):
 
 
 def check_compatible(config, model_args):
-    """The STDiT2 must take the VAE's latents and the text encoder's features (read from their configs)."""
+    """The STDiT must take the VAE's latents and the text encoder's features (read from their configs)."""
     from models.text_encoder.t5 import T5Encoder
-    from models.vae.vae import VideoAutoencoderKL
 
-    latent_channels = VideoAutoencoderKL.read_config(model_args.vae_path)["latent_channels"]
+    latent_channels, _ = read_vae_config(model_args.vae_path)
     caption_channels = T5Encoder.read_config(model_args.text_encoder_path)["d_model"]
     if config.in_channels != latent_channels:
         raise UserError(
-            f"STDiT2 expects {config.in_channels} latent channels but the VAE gives {latent_channels}; "
+            f"{config.model_name} expects {config.in_channels} latent channels but the VAE gives {latent_channels}; "
             "use a matching --vae_path or --model_config"
         )
     if config.caption_channels != caption_channels:
         raise UserError(
-            f"STDiT2 expects caption features of width {config.caption_channels} but the text encoder gives "
+            f"{config.model_name} expects caption features of width {config.caption_channels} but the text encoder gives "
             f"{caption_channels}; use a matching --text_encoder_path or --model_config"
         )
     if model_args.text_max_length not in (None, config.model_max_length):
         raise UserError(
-            f"STDiT2 was built for {config.model_max_length} caption tokens but --text_max_length is "
+            f"{config.model_name} was built for {config.model_max_length} caption tokens but --text_max_length is "
             f"{model_args.text_max_length}; leave --text_max_length unset"
         )
 
@@ -158,3 +158,12 @@ def check_replicas_agree(model):
     if max(values) - min(values) > 1e-6 * max(1.0, abs(values[0])):
         raise RuntimeError(f"ranks ended with different weights (checksums {values}); data-parallel sync failed")
     logger.info(f"weights identical on all {len(values)} ranks (checksum {values[0]:.6f})")
+
+
+def freeze_options(config, freeze):
+    """--freeze as the model's config fields: STDiT2's `freeze`; STDiT3's `only_train_temporal` (not_temporal)
+    and `freeze_y_embedder` (text: its cross-attention input stays fixed)."""
+    if config.model_name == "STDiT2":
+        return dict(freeze=freeze)
+    return dict(only_train_temporal=freeze == "not_temporal", freeze_y_embedder=freeze == "text")
+

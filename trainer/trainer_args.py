@@ -14,13 +14,13 @@ class ModelArguments:
     model_config: Optional[str] = field(
         default=None,
         metadata={
-            "help": "STDiT2 config JSON (e.g. configs/stdit2/xl2.json) to train a new, randomly initialised "
+            "help": "STDiT2 or STDiT3 config JSON (e.g. configs/stdit2/xl2.json, configs/stdit3/xl2.json) to train a new, randomly initialised "
             "model. When unset, training starts from --pretrained_model_path."
         },
     )
     pretrained_model_path: Optional[str] = field(
         default=None,
-        metadata={"help": "STDiT2 directory to fine-tune (save_pretrained / convert_checkpoint.py output). "
+        metadata={"help": "STDiT2 or STDiT3 directory to fine-tune (save_pretrained / convert_checkpoint.py output). "
                   "Default, when --model_config is not given either: the small model shipped in assets/."},
     )
     vae_path: str = field(
@@ -52,19 +52,19 @@ class ModelArguments:
                   "Default: the fine-tuned model's, else 1."},
     )
     gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute STDiT2 blocks in the backward pass to save memory."}
+        default=False, metadata={"help": "Recompute the transformer blocks in the backward pass to save memory."}
     )
     freeze: Optional[str] = field(
         default=None,
-        metadata={"help": "Freeze part of STDiT2: 'not_temporal' (train only temporal attention) or 'text' "
-                  "(freeze cross-attention)."},
+        metadata={"help": "Freeze part of the model: 'not_temporal' (train only temporal attention; STDiT3: the "
+                  "temporal blocks) or 'text' (STDiT2: freeze cross-attention; STDiT3: the caption projection)."},
     )
     vae_micro_batch_size: int = field(
         default=4, metadata={"help": "Frames the VAE encodes at once; bounds its memory. 0 = all frames."}
     )
     text_max_length: Optional[int] = field(
         default=None,
-        metadata={"help": "Caption tokens (padded/truncated). Default: the STDiT2 config's model_max_length."},
+        metadata={"help": "Caption tokens (padded/truncated). Default: the model config's model_max_length."},
     )
     ema_decay: float = field(
         default=0.0, metadata={"help": "Decay of an exponential moving average of the weights; 0 = no EMA."}

@@ -418,18 +418,36 @@ class VideoAutoencoderV1_2(nn.Layer):
 
     # ------------------------------------------------------------------------------------------ coding
 
+    # `posterior` is already in the normalised latent space that the transformer sees.
+    scaling_factor = 1.0
+
+    def temporal_posteriors(self, frame_latents):
+        """The temporal VAE's posterior of each chunk of the spatial latents [B, C, T, h, w]."""
+        posteriors, start = [], 0
+        for frames in self.chunk_frames(frame_latents.shape[2]):
+            posteriors.append(self.temporal_vae.encode(frame_latents[:, :, start : start + frames]))
+            start += frames
+        return posteriors
+
+    def normalise(self, z):
+        return (z - as_channel_vector(self.config.shift).astype(z.dtype)) / as_channel_vector(self.config.scale).astype(z.dtype)
+
     @paddle.no_grad()
     def encode(self, x, sample_posterior=True):
         """Videos [B, 3, T, H, W] in [-1, 1] -> normalised latents [B, C, T', H/f, W/f] (T' = get_latent_size).
         sample_posterior False: the posterior means of both VAEs, a deterministic encoding."""
-        frame_latents = self.spatial_vae.encode(x, sample_posterior)
-        latents, start = [], 0
-        for frames in self.chunk_frames(frame_latents.shape[2]):
-            posterior = self.temporal_vae.encode(frame_latents[:, :, start : start + frames])
-            latents.append(posterior.sample() if sample_posterior else posterior.mode())
-            start += frames
-        z = paddle.concat(latents, axis=2)
-        return (z - as_channel_vector(self.config.shift).astype(z.dtype)) / as_channel_vector(self.config.scale).astype(z.dtype)
+        posteriors = self.temporal_posteriors(self.spatial_vae.encode(x, sample_posterior))
+        return self.normalise(paddle.concat([p.sample() if sample_posterior else p.mode() for p in posteriors], axis=2))
+
+    @paddle.no_grad()
+    def posterior(self, x):
+        """Normalised mean and standard deviation [B, C, T', h, w] of the temporal posterior of the spatial
+        posterior's mean: what scripts/encode_latents.py stores, from which training draws mean + std * noise.
+        (Encoding during training draws the spatial latents too; here they are their mean.)"""
+        posteriors = self.temporal_posteriors(self.spatial_vae.encode(x, sample_posterior=False))
+        mean = paddle.concat([p.mean for p in posteriors], axis=2)
+        std = paddle.concat([p.std for p in posteriors], axis=2)
+        return self.normalise(mean), std / as_channel_vector(self.config.scale).astype(std.dtype)
 
     @paddle.no_grad()
     def decode(self, z, num_frames=None):

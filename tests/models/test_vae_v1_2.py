@@ -104,3 +104,21 @@ def test_bad_directories_and_configs(tmp_path, tiny_models, vae):
     (tmp_path / "vae" / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="weights do not match config.json"):
         VideoAutoencoderV1_2.from_pretrained(str(tmp_path / "vae"))
+
+
+def test_posterior_for_pre_encoded_training_is_the_deterministic_encoding_and_its_spread(vae):
+    paddle.seed(1)
+    x = video(20)
+    mean, std = vae.posterior(x)
+    np.testing.assert_allclose(mean.numpy(), vae.encode(x, sample_posterior=False).numpy(), rtol=1e-6, atol=1e-6)
+    # the spread by hand: the temporal encoder's log-variance of each chunk (17 frames padded to 20, then 3 to 4)
+    frame_latents = vae.spatial_vae.encode(x, sample_posterior=False)
+    scale = np.asarray(tiny_config().scale, dtype=np.float32).reshape(1, -1, 1, 1, 1)
+    for chunk, (start, frames, padding) in enumerate([(0, 17, 3), (17, 3, 1)]):
+        padded = paddle.concat([paddle.zeros([1, 4, padding, 4, 4]), frame_latents[:, :, start : start + frames]], axis=2)
+        with paddle.no_grad():
+            moments = vae.temporal_vae.quant_conv(vae.temporal_vae.encoder(padded)).numpy()
+        expected = np.exp(0.5 * np.clip(moments[:, 4:], -30.0, 20.0)) / scale
+        latent_start = 5 * chunk
+        np.testing.assert_allclose(std.numpy()[:, :, latent_start : latent_start + expected.shape[2]], expected, rtol=1e-5)
+    assert vae.scaling_factor == 1.0  # training multiplies the drawn latent by it: already normalised

@@ -169,3 +169,39 @@ def test_overfitting_one_batch_drives_the_loss_down():
         optimizer.clear_grad()
         losses.append(float(loss))
     assert losses[-1] < 0.2 * losses[0], losses[::10]
+
+
+def test_stdit3_trains_on_latents_of_the_video_vae_on_two_processes(tiny_models, tmp_path):
+    """Open-Sora v1.2 through the same trainer: a new STDiT3 from configs/stdit3, clips of 20 frames pre-encoded
+    by the tiny video VAE (6 latent frames each), rectified flow with frame masks, 2 CPU processes."""
+    from models.vae.vae_v1_2 import VideoAutoencoderV1_2, VideoAutoencoderV1_2Config
+
+    clips_csv, _ = write_dataset(str(tmp_path / "clips"), num_clips=4, num_frames=20, num_heldout_clips_per_combination=0)
+    paddle.seed(0)
+    vae_dir = str(tmp_path / "vae")
+    VideoAutoencoderV1_2(VideoAutoencoderV1_2Config.from_json_file(os.path.join(REPO, "configs", "vae_v1_2", "tiny.json"))).save_pretrained(vae_dir)
+    run([os.path.join(REPO, "scripts", "encode_latents.py"), "--data-path", clips_csv, "--vae-path", vae_dir,
+         "--num-frames", "20", "--image-size", "16", "16", "--output-dir", str(tmp_path / "latents")])
+    first = np.load(next(str(p) for p in (tmp_path / "latents").rglob("*.npz")))
+    assert first["mean"].shape == (4, 6, 8, 8) and (first["std"] > 0).all()
+    config = json.load(open(os.path.join(REPO, "configs", "stdit3", "tiny.json")))
+    config.update(caption_channels=16, model_max_length=8)
+    (tmp_path / "stdit3.json").write_text(json.dumps(config))
+    log_dir = tmp_path / "logs"
+    env = dict(os.environ)
+    env.pop("PADDLE_TRAINERS_NUM", None)
+    run([SCRIPT, "--do_train", "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--save_steps", "1",
+         "--logging_steps", "1", "--per_device_train_batch_size", "1", "--seed", "1", "--learning_rate", "1e-3",
+         "--report_to", "none", "--dataloader_num_workers", "0", "--latent_data_path", str(tmp_path / "latents" / "latents.csv"),
+         "--model_config", str(tmp_path / "stdit3.json"), "--vae_path", vae_dir, "--text_encoder_path", tiny_models["text_encoder"],
+         "--sampler", "rflow", "--rflow_use_timestep_transform", "true", "--freeze", "not_temporal",
+         "--mask_ratios", '{"mask_no": 0.5, "mask_image_head": 0.5}'],
+        launcher=("-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir)), env=env)
+    log = (log_dir / "workerlog.0").read_text()
+    assert "weights identical on all 2 ranks" in log
+    trained = json.load(open(tmp_path / "out" / "config.json"))
+    assert trained["model_type"] == "STDiT3" and trained["only_train_temporal"] is True
+    # --freeze not_temporal: from the first checkpoint to the end only the temporal blocks moved
+    before, after = weights(tmp_path / "out" / "checkpoint-1"), weights(tmp_path / "out")
+    moved = {name for name in after if not np.array_equal(after[name], before[name])}
+    assert moved and all(name.startswith("temporal_blocks.") for name in moved)
