@@ -35,6 +35,7 @@ from models.layers.blocks import (
     layer_norm_without_affine,
     t2i_modulate,
 )
+from models.stdit.attention_cache import AttentionCacheMixin, cached_attention
 from utils.errors import UserError
 from utils.io import atomic_path, read_json_object, write_text_atomic
 
@@ -196,9 +197,11 @@ class STDiT2Block(nn.Layer):
             [3, hidden_size], default_initializer=nn.initializer.Normal(std=hidden_size**-0.5)
         )
 
-    def forward(self, x, y, t_spc, t_tmp, text_mask, x_mask, t0_spc, t0_tmp, T, S, rope_cos_sin, text_kv=None):
+    def forward(self, x, y, t_spc, t_tmp, text_mask, x_mask, t0_spc, t0_tmp, T, S, rope_cos_sin, text_kv=None,
+                attention_cache=None):
         """x [B, T*S, C]; y [B, L, C]; t_* [B, 6C] / [B, 3C]; text_mask [B, 1, 1, L] bool; x_mask [B, T] bool;
-        text_kv: this block's precomputed caption keys and values (then y is not used)."""
+        text_kv: this block's precomputed caption keys and values (then y is not used); attention_cache: this
+        block's `BlockAttentionCache` when sampling reuses attention outputs (see attention_cache.py)."""
         B, N, C = x.shape
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation(
             self.scale_shift_table, t_spc, t0_spc, x_mask
@@ -206,27 +209,36 @@ class STDiT2Block(nn.Layer):
         shift_tmp, scale_tmp, gate_tmp = modulation(self.scale_shift_table_temporal, t_tmp, t0_tmp, x_mask)
         x = x.reshape([B, T, S, C])
 
-        # spatial attention within each frame
-        x_m = t2i_modulate(self.norm1(x), shift_msa, scale_msa)
-        x_s = self.attn(x_m.reshape([B * T, S, C])).reshape([B, T, S, C])
+        x_s = cached_attention(attention_cache, "spatial", self.spatial_attention, x, shift_msa, scale_msa)
         x = x + self.drop_path(gated(gate_msa, x_s))
 
-        # temporal attention across frames at each spatial position
-        x_m = t2i_modulate(self.norm_temp(x), shift_tmp, scale_tmp)
-        x_t = x_m.transpose([0, 2, 1, 3]).reshape([B * S, T, C])
-        x_t = self.attn_temp(x_t, rope_cos_sin).reshape([B, S, T, C]).transpose([0, 2, 1, 3])
+        x_t = cached_attention(attention_cache, "temporal", self.temporal_attention, x, shift_tmp, scale_tmp, rope_cos_sin)
         x = x + self.drop_path(gated(gate_tmp, x_t))
 
         # cross attention to the caption (not modulated, as in PixArt)
-        x = x + self.cross_attn(x.reshape([B, N, C]), y, text_mask, text_kv).reshape([B, T, S, C])
+        x_c = cached_attention(attention_cache, "cross", self.cross_attn, x.reshape([B, N, C]), y, text_mask, text_kv)
+        x = x + x_c.reshape([B, T, S, C])
 
         # mlp
         x_m = t2i_modulate(self.norm2(x), shift_mlp, scale_mlp)
         x = x + self.drop_path(gated(gate_mlp, self.mlp(x_m)))
         return x.reshape([B, N, C])
 
+    def spatial_attention(self, x, shift, scale):
+        """Attention within each frame of the modulated tokens x [B, T, S, C]; returns [B, T, S, C]."""
+        B, T, S, C = x.shape
+        x_m = t2i_modulate(self.norm1(x), shift, scale)
+        return self.attn(x_m.reshape([B * T, S, C])).reshape([B, T, S, C])
 
-class STDiT2(nn.Layer):
+    def temporal_attention(self, x, shift, scale, rope_cos_sin):
+        """Attention across frames at each spatial position of the modulated tokens x [B, T, S, C]."""
+        B, T, S, C = x.shape
+        x_m = t2i_modulate(self.norm_temp(x), shift, scale)
+        x_t = x_m.transpose([0, 2, 1, 3]).reshape([B * S, T, C])
+        return self.attn_temp(x_t, rope_cos_sin).reshape([B, S, T, C]).transpose([0, 2, 1, 3])
+
+
+class STDiT2(AttentionCacheMixin, nn.Layer):
     def __init__(self, config: STDiT2Config):
         super().__init__()
         self.config = config
@@ -381,13 +393,17 @@ class STDiT2(nn.Layer):
             caption, text_mask = self.embed_caption(y, mask)
             keys_values = [None] * len(self.blocks)
 
+        block_caches = [None] * len(self.blocks)
+        if self.attention_cache is not None and not self.training:
+            block_caches = self.attention_cache.begin_step(timestep, (B, T, S), len(self.blocks))
+
         rope_cos_sin = self.rope.cos_sin(T, dtype)
-        for block, text_kv in zip(self.blocks, keys_values):
+        for block, text_kv, block_cache in zip(self.blocks, keys_values, block_caches):
             args = (x, caption, t_spc, t_tmp, text_mask, x_mask, t0_spc_mlp, t0_tmp_mlp, T, S, rope_cos_sin, text_kv)
             if self.gradient_checkpointing and self.training:
                 x = recompute(block, *args)
             else:
-                x = block(*args)
+                x = block(*args, attention_cache=block_cache)
 
         # Kept from the original for checkpoint parity: the final layer is modulated by the bare timestep
         # embedding, but by timestep-0 plus the size embedding for conditioning frames.

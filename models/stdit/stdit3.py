@@ -37,6 +37,7 @@ from models.layers.blocks import (
     layer_norm_without_affine,
     t2i_modulate,
 )
+from models.stdit.attention_cache import AttentionCacheMixin, cached_attention
 from models.stdit.stdit2 import CONFIG_NAME, WEIGHTS_NAME, CaptionContext, ModelConfigMixin, STDiT2, modulation
 from utils.errors import UserError
 from utils.io import read_json_object
@@ -110,33 +111,42 @@ class STDiT3Block(nn.Layer):
             [6, hidden_size], default_initializer=nn.initializer.Normal(std=hidden_size**-0.5)
         )
 
-    def forward(self, x, y, t_mlp, text_mask, x_mask, t0_mlp, T, S, rope_cos_sin=None, text_kv=None):
+    def forward(self, x, y, t_mlp, text_mask, x_mask, t0_mlp, T, S, rope_cos_sin=None, text_kv=None,
+                attention_cache=None):
         """x [B, T*S, C]; y [B, L, C]; t_mlp, t0_mlp [B, 6C]; text_mask [B, 1, 1, L] bool; x_mask [B, T] bool;
         rope_cos_sin: rotary tables of length T (read by temporal blocks only); text_kv: this block's
-        precomputed caption keys and values (then y is not used)."""
+        precomputed caption keys and values (then y is not used); attention_cache: this block's
+        `BlockAttentionCache` when sampling reuses attention outputs (see attention_cache.py)."""
         B, N, C = x.shape
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation(
             self.scale_shift_table, t_mlp, t0_mlp, x_mask
         )
         x = x.reshape([B, T, S, C])
 
-        x_m = t2i_modulate(self.norm1(x), shift_msa, scale_msa)
-        if self.temporal:
-            x_m = x_m.transpose([0, 2, 1, 3]).reshape([B * S, T, C])
-            x_m = self.attn(x_m, rope_cos_sin).reshape([B, S, T, C]).transpose([0, 2, 1, 3])
-        else:
-            x_m = self.attn(x_m.reshape([B * T, S, C])).reshape([B, T, S, C])
-        x = x + self.drop_path(gated(gate_msa, x_m))
+        kind = "temporal" if self.temporal else "spatial"
+        x_a = cached_attention(attention_cache, kind, self.self_attention, x, shift_msa, scale_msa, rope_cos_sin)
+        x = x + self.drop_path(gated(gate_msa, x_a))
 
         # cross attention to the caption (not modulated, as in PixArt)
-        x = x + self.cross_attn(x.reshape([B, N, C]), y, text_mask, text_kv).reshape([B, T, S, C])
+        x_c = cached_attention(attention_cache, "cross", self.cross_attn, x.reshape([B, N, C]), y, text_mask, text_kv)
+        x = x + x_c.reshape([B, T, S, C])
 
         x_m = t2i_modulate(self.norm2(x), shift_mlp, scale_mlp)
         x = x + self.drop_path(gated(gate_mlp, self.mlp(x_m)))
         return x.reshape([B, N, C])
 
+    def self_attention(self, x, shift, scale, rope_cos_sin):
+        """Attention of the modulated tokens x [B, T, S, C] within each frame (spatial block) or across frames
+        at each position (temporal block); returns [B, T, S, C]."""
+        B, T, S, C = x.shape
+        x_m = t2i_modulate(self.norm1(x), shift, scale)
+        if self.temporal:
+            x_m = x_m.transpose([0, 2, 1, 3]).reshape([B * S, T, C])
+            return self.attn(x_m, rope_cos_sin).reshape([B, S, T, C]).transpose([0, 2, 1, 3])
+        return self.attn(x_m.reshape([B * T, S, C])).reshape([B, T, S, C])
 
-class STDiT3(nn.Layer):
+
+class STDiT3(AttentionCacheMixin, nn.Layer):
     def __init__(self, config: STDiT3Config):
         super().__init__()
         self.config = config
@@ -289,13 +299,17 @@ class STDiT3(nn.Layer):
             caption, text_mask = self.embed_caption(y, mask)
             keys_values = [None] * len(blocks)
 
+        block_caches = [None] * len(blocks)
+        if self.attention_cache is not None and not self.training:
+            block_caches = self.attention_cache.begin_step(timestep, (B, T, S), len(blocks))
+
         rope_cos_sin = self.rope.cos_sin(T, dtype)
-        for block, text_kv in zip(blocks, keys_values):
+        for block, text_kv, block_cache in zip(blocks, keys_values, block_caches):
             args = (x, caption, t_mlp, text_mask, x_mask, t0_mlp, T, S, rope_cos_sin, text_kv)
             if self.gradient_checkpointing and self.training:
                 x = recompute(block, *args)
             else:
-                x = block(*args)
+                x = block(*args, attention_cache=block_cache)
 
         x = self.final_layer(x, t, x_mask, t0, T, S)
         x = self.unpatchify(x, T, H, W, Tx, Hx, Wx)
