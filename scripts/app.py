@@ -1,4 +1,4 @@
-"""A web page for generating videos with STDiT2: prompt, size, sampling settings and a mode (text to video,
+"""A web page for generating videos with Open-Sora v1.1 or v1.2 models: prompt, size, sampling settings and a mode (text to video,
 image to video, connecting two images, extending or editing an uploaded video).
 
     python scripts/app.py                      # the shipped model, on http://127.0.0.1:7860
@@ -54,11 +54,11 @@ def parse_args(argv):
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--model-path", default=DEFAULT_MODEL_DIR,
-                        help="STDiT2 or pipeline directory (default: the shipped model in assets/default_model)")
-    parser.add_argument("--vae-path", help="ppdiffusers AutoencoderKL directory (with an STDiT2 --model-path)")
-    parser.add_argument("--text-encoder-path", help="paddlenlp T5 directory (with an STDiT2 --model-path)")
+                        help="STDiT2/STDiT3 or pipeline directory (default: the shipped model in assets/default_model)")
+    parser.add_argument("--vae-path", help="AutoencoderKL or v1.2 video VAE directory (with an STDiT --model-path)")
+    parser.add_argument("--text-encoder-path", help="paddlenlp T5 directory (with an STDiT --model-path)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                        help="precision of STDiT2 and VAE (fp16/bf16 need a GPU)")
+                        help="precision of the transformer and VAE (fp16/bf16 need a GPU)")
     parser.add_argument("--output-dir",
                         help="where generated videos and uploads are kept (default: a new temporary directory)")
     args = parser.parse_args(argv)
@@ -67,7 +67,7 @@ def parse_args(argv):
         raise UserError(f"--port {args.port}: give a port between 1 and 65535")
     if not os.path.isdir(args.model_path):
         raise UserError(f"--model-path {args.model_path}: model directory not found; give a pipeline directory or an "
-                        "STDiT2 directory written by save_pretrained or scripts/convert_checkpoint.py stdit2")
+                        "STDiT directory written by save_pretrained or scripts/convert_checkpoint.py stdit2 or stdit3")
     if not is_pipeline_dir(args.model_path):
         for flag in ("vae_path", "text_encoder_path"):
             if not getattr(args, flag):
@@ -140,8 +140,9 @@ def page_error(message):
     return gr.Error(html.escape(message), duration=None, print_exception=False)
 
 
-def make_generate(pipe, videos_dir):
-    """The page's Generate handler: returns the path of the written video, or raises gr.Error with one line."""
+def make_generate(pipe, videos_dir, aesthetic_score=None):
+    """The page's Generate handler: returns the path of the written video, or raises gr.Error with one line.
+    `aesthetic_score` ends every prompt (v1.2 models' default, as in scripts/inference.py)."""
     import gradio as gr
 
     from pipelines.open_sora.conditioning import MaskGroupError
@@ -165,6 +166,7 @@ def make_generate(pipe, videos_dir):
                 width=whole_number(width, "Width"),
                 num_inference_steps=whole_number(num_inference_steps, "Sampling steps"),
                 guidance_scale=float(guidance_scale),
+                aesthetic_score=aesthetic_score,
                 seed=whole_number(seed, "Seed", minimum=0),
                 output_type="np",
                 callback_on_step_end=report_step,
@@ -181,7 +183,7 @@ def make_generate(pipe, videos_dir):
     return generate
 
 
-def build_page(pipe, model_name, videos_dir):
+def build_page(pipe, model_name, videos_dir, aesthetic_score=None):
     import gradio as gr
 
     size, sampling = pipe.default_size, pipe.default_sampling
@@ -227,7 +229,7 @@ def build_page(pipe, model_name, videos_dir):
 
         mode.change(show_inputs_of, mode, list(mode_inputs.values()), queue=False)  # not behind a generation
         generate_button.click(
-            make_generate(pipe, videos_dir),
+            make_generate(pipe, videos_dir, aesthetic_score),
             [prompt, mode, *mode_inputs.values(), num_frames, height, width, steps, guidance, seed],
             output,
             concurrency_limit=1,  # two generations at once would only share the same cores
@@ -253,7 +255,10 @@ def main(argv):
     os.environ["GRADIO_EXAMPLES_CACHE"] = os.path.join(output_dir, "examples")
     pipe = load_pipeline(args)
     pipe.set_progress_bar_config(disable=True)  # the page shows the progress
-    page = build_page(pipe, os.path.basename(os.path.normpath(args.model_path)), os.path.join(output_dir, "videos"))
+    from pipelines.open_sora.settings import family_defaults
+
+    page = build_page(pipe, os.path.basename(os.path.normpath(args.model_path)), os.path.join(output_dir, "videos"),
+                      aesthetic_score=family_defaults(args.model_path)["aes"])
     print(f"outputs and uploads: {output_dir}", flush=True)
     page.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD_SIZE, show_api=False)
 

@@ -72,6 +72,14 @@ def documented_blocks():
     return blocks
 
 
+def documented_block_params():
+    """The blocks as test parameters; the v1.2 conversion is slow (it converts a VAE of the released size, 393M
+    parameters, because the original's VAE config does not say its sizes)."""
+    return [pytest.param(block_id, commands, id=block_id,
+                         marks=[pytest.mark.slow] if any("vae-v1.2" in command for command in commands) else [])
+            for block_id, commands in documented_blocks()]
+
+
 def steps(commands):
     """Split a block into (environment lines, commands to run); `a && b` chains are split into their parts."""
     environment, runnable = [], []
@@ -107,8 +115,9 @@ def read_config(directory):
         return json.load(f)
 
 
-def write_official_checkpoints(tiny_models, root):
-    """Tiny models in the layouts the hub has (STDiT2 with a current transformers' config, diffusers VAE, HF T5)."""
+def write_official_checkpoints(tiny_models, root, commands):
+    """Tiny models in the layouts the hub has (STDiT2 with a current transformers' config, diffusers VAE, HF T5),
+    and the v1.2 ones when `commands` name them."""
     from paddlenlp.transformers import T5EncoderModel
     from ppdiffusers import AutoencoderKL
 
@@ -129,6 +138,37 @@ def write_official_checkpoints(tiny_models, root):
         {**read_config(tiny_models["text_encoder"]), "architectures": ["T5ForConditionalGeneration"]},
     )
     shutil.copy(os.path.join(tiny_models["text_encoder"], "spiece.model"), t5)
+    if any("OpenSora-STDiT-v3" in command for command in commands):
+        write_official_v1_2_checkpoints(tiny_models, root)
+
+
+def write_official_v1_2_checkpoints(tiny_models, root):
+    """A tiny STDiT3 with the hub's config bookkeeping, and a random VAE of the released sizes in the original's
+    layout (its config.json names its parts, not their sizes, so the converter assumes the released ones)."""
+    import paddle
+
+    from models.stdit.stdit3 import STDiT3, STDiT3Config
+    from models.vae.vae_v1_2 import VideoAutoencoderV1_2, VideoAutoencoderV1_2Config
+
+    text = read_config(tiny_models["text_encoder"])
+    model = STDiT3(STDiT3Config(input_sq_size=64, hidden_size=24, depth=1, num_heads=2, mlp_ratio=2.0,
+                                caption_channels=text["d_model"], model_max_length=8))
+    config = {**model.config.to_dict(), "architectures": ["STDiT3"], "dtype": "float32", "transformers_version": "4.57.1",
+              "input_size": [None, None, None]}
+    write_hub_directory(os.path.join(root, "OpenSora-STDiT-v3"), model, config)
+    paddle.seed(0)
+    vae = VideoAutoencoderV1_2(VideoAutoencoderV1_2Config.from_json_file(os.path.join(REPO, "configs", "vae_v1_2", "official.json")))
+    directory = os.path.join(root, "OpenSora-VAE-v1.2")
+    os.makedirs(directory)
+    weights = official_layout(vae)
+    weights.update(scale=np.array(vae.config.scale, np.float32), shift=np.array(vae.config.shift, np.float32))
+    save_file(weights, os.path.join(directory, "model.safetensors"))
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(dict(architectures=["VideoAutoencoderPipeline"], model_type="VideoAutoencoderPipeline", micro_frame_size=17,
+                       scale=vae.config.scale, shift=vae.config.shift, freeze_vae_2d=False, cal_loss=False, from_pretrained=None,
+                       vae_2d=dict(type="VideoAutoencoderKL", from_pretrained="PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers",
+                                   subfolder="vae", micro_batch_size=4, local_files_only=False),
+                       vae_temporal=dict(type="VAE_Temporal_SD", from_pretrained=None)), f)
 
 
 def write_user_videos(root):
@@ -178,8 +218,13 @@ def prepare(command, tmp):
 
 
 def check_video(argv, save_dir, result):
-    frames = int((flag_values(argv, "--num-frames") or ["16"])[0])  # the shipped model's default length
-    height, width = [int(v) // 8 * 8 for v in flag_values(argv, "--image-size", 2) or ["64", "64"]]
+    from utils import aspect
+
+    frames = aspect.num_frames((flag_values(argv, "--num-frames") or ["16"])[0])  # the shipped model's default length
+    if flag_values(argv, "--resolution"):
+        height, width = aspect.image_size(flag_values(argv, "--resolution")[0], (flag_values(argv, "--aspect-ratio") or ["9:16"])[0])
+    else:
+        height, width = [int(v) // 8 * 8 for v in flag_values(argv, "--image-size", 2) or ["64", "64"]]
     path = os.path.join(save_dir, f"{(flag_values(argv, '--sample-name') or ['sample'])[0]}_0.mp4")
     assert result.stdout.split() == [path]
     with av.open(path) as container:
@@ -219,7 +264,8 @@ def check_meta(meta):
 
 def check_converted(kind, output, result):
     assert result.stdout.split() == [output] and "INFO" not in result.stderr
-    expected = {"stdit2": "model.safetensors", "vae": "config.json", "t5": "config.json"}[kind]
+    expected = {"stdit2": "model.safetensors", "stdit3": "model.safetensors", "vae": "config.json", "vae-v1.2": "config.json",
+                "t5": "config.json"}[kind]
     assert os.path.isfile(os.path.join(output, expected))
     for name in os.listdir(output):
         assert os.stat(os.path.join(output, name)).st_mode & 0o777 == 0o666 & ~current_umask(), name
@@ -231,13 +277,13 @@ def current_umask():
     return read_umask()
 
 
-@pytest.mark.parametrize("block_id, commands", documented_blocks(), ids=[block_id for block_id, _ in documented_blocks()])
+@pytest.mark.parametrize("block_id, commands", documented_block_params())
 def test_documented_block_runs_as_written(block_id, commands, tmp_path, tiny_models):
     environment, runnable = steps(commands)
     if not runnable:
         return
     if any("path/to/" in command for command in runnable):
-        write_official_checkpoints(tiny_models, str(tmp_path / "sources"))
+        write_official_checkpoints(tiny_models, str(tmp_path / "sources"), runnable)
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     for command in runnable:
         command, check = prepare(command, str(tmp_path))
