@@ -65,12 +65,11 @@ class ModelConfigMixin:
 
     @classmethod
     def from_dict(cls, values, source="config", advice=None):
-        """`advice` ends the unknown-keys error; by default it points at the converter. `model_type`, which
-        `to_dict` writes, must name this class's model (a config without it is read as this model's)."""
-        values = dict(values)
-        model_type = values.pop("model_type", cls.model_name)
-        if model_type != cls.model_name:
-            raise UserError(f"{source}: an {model_type} config, not an {cls.model_name} one; load it with {model_type}")
+        """`advice` ends the unknown-keys error; by default it points at the converter."""
+        model_type = values.get("model_type", cls.model_name)
+        if model_type != cls.model_name and model_type in ("STDiT2", "STDiT3"):
+            raise UserError(f"{source}: an {model_type} config, not an {cls.model_name} one; load it with {model_type} "
+                            "(models.families.load_transformer picks the class from the config)")
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -103,8 +102,7 @@ class ModelConfigMixin:
         return cls.from_json_file(config_path)
 
     def to_dict(self):
-        """The config as saved in config.json, with the `model_type` that says which model it builds."""
-        values = {"model_type": self.model_name, **dataclasses.asdict(self)}
+        values = dataclasses.asdict(self)
         values["patch_size"] = list(self.patch_size)
         return values
 
@@ -124,6 +122,7 @@ class STDiT2Config(ModelConfigMixin):
     model_name = "STDiT2"
     converter = "stdit2"
 
+    model_type: str = "STDiT2"  # written to config.json: which model the directory holds
     input_sq_size: int = 32
     in_channels: int = 4
     patch_size: tuple = (1, 2, 2)
@@ -144,6 +143,8 @@ class STDiT2Config(ModelConfigMixin):
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
+        if self.model_type != self.model_name:
+            raise UserError(f"STDiT2 config: model_type {self.model_type!r} must be 'STDiT2'")
         self.patch_size = tuple(self.patch_size)
         if len(self.patch_size) != 3:
             raise UserError(f"STDiT2 config: patch_size {list(self.patch_size)} must have 3 entries (T, H, W)")

@@ -60,6 +60,7 @@ class STDiT3Config(ModelConfigMixin):
     model_name = "STDiT3"
     converter = "stdit3"
 
+    model_type: str = "STDiT3"  # written to config.json: which model the directory holds
     input_sq_size: int = 512
     in_channels: int = 4
     patch_size: tuple = (1, 2, 2)
@@ -82,6 +83,8 @@ class STDiT3Config(ModelConfigMixin):
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
+        if self.model_type != self.model_name:
+            raise UserError(f"STDiT3 config: model_type {self.model_type!r} must be 'STDiT3'")
         self.patch_size = tuple(self.patch_size)
         if len(self.patch_size) != 3:
             raise UserError(f"STDiT3 config: patch_size {list(self.patch_size)} must have 3 entries (T, H, W)")

@@ -180,3 +180,19 @@ def test_command_line_generates_with_a_v12_model(v1_2_models, tmp_path):
         stream = container.streams.video[0]
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
         assert (len(frames), frames[0].shape, float(stream.average_rate)) == (NUM_FRAMES, (SIZE, SIZE, 3), 24.0)
+
+
+def test_a_directory_of_the_other_family_is_named_and_a_config_without_model_type_is_an_stdit2(v1_2_models, tiny_models, tmp_path):
+    from models.families import load_transformer, transformer_type
+    from models.stdit.stdit2 import STDiT2
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match="an STDiT3 config, not an STDiT2 one; load it with STDiT3"):
+        STDiT2.from_pretrained(v1_2_models["stdit3"])
+    assert json.load(open(os.path.join(v1_2_models["stdit3"], "config.json")))["model_type"] == "STDiT3"
+    assert transformer_type(os.path.join(REPO, "assets", "default_model", "transformer")) == "STDiT2"
+    config = json.load(open(os.path.join(tiny_models["stdit2"], "config.json")))
+    config.pop("model_type")  # a config written by hand, without it
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    os.symlink(os.path.join(tiny_models["stdit2"], "model.safetensors"), tmp_path / "model.safetensors")
+    assert type(load_transformer(str(tmp_path))).__name__ == "STDiT2"

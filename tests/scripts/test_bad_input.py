@@ -63,7 +63,7 @@ CASES = [
     ("unknown sampler", ["--prompt", PROMPT, "--sampler", "euler"], "invalid choice"),
     ("one iddpm step", ["--prompt", PROMPT, "--sampler", "iddpm", "--num-sampling-steps", "1"], "at least 2 with --sampler iddpm"),
     ("empty prompt file", ["--prompt-path", "{bad}/prompts.txt"], "has no prompts"),
-    ("missing model", ["--prompt", PROMPT, "--model-path", "{bad}/none"], "STDiT2 model directory not found"),
+    ("missing model", ["--prompt", PROMPT, "--model-path", "{bad}/none"], "model directory not found; give a directory written by save_pretrained"),
     ("wrong model type", ["--prompt", PROMPT, "--model-path", "{vae}"], "not an STDiT2 directory"),
     ("mismatched weights", ["--prompt", PROMPT, "--model-path", "{bad}/mismatch"], "weights do not match the STDiT2 config"),
     ("missing vae", ["--prompt", PROMPT, "--vae-path", "{bad}/none"], "VAE (AutoencoderKL) directory not found"),
