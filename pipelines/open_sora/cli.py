@@ -16,6 +16,7 @@ import json
 import os
 import sys
 
+from models.stdit.attention_cache import ATTENTION_CACHE_PRESETS
 from pipelines.open_sora.conditioning import Conditions, MaskGroup, MaskGroupError, Reference
 from pipelines.open_sora.pipeline_open_sora import CAMERA_MOTIONS, clean_prompt
 from pipelines.open_sora.settings import (
@@ -32,6 +33,8 @@ from utils.io import ensure_writable_dir, read_json_object
 from utils.media import save_video
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+SAMPLERS = ("iddpm", "rflow", "dpm-solver")
+DPM_SOLVER_STEPS = 20  # DPM-Solver++ needs a fifth of IDDPM's 100 steps (README: Performance)
 MAX_IMAGE_SIDE = 4096
 JSON_KEYS = ("reference_path", "mask_strategy")
 MASK_FIELDS = ("loop_id", "m_id", "m_ref_start", "m_target_start", "m_length", "edit_ratio")
@@ -48,6 +51,7 @@ GENERIC_DEFAULTS = dict(
     condition_frame_length=None,
     reference_path=None,
     mask_strategy=None,
+    attention_cache=None,
     resolution=None,
     aspect_ratio=None,
     align=None,
@@ -99,9 +103,12 @@ def build_parser(description):
     add("--camera-motion", help=f"v1.2: camera motion appended to the prompt: {', '.join(CAMERA_MOTIONS)}")
     add("--reference-path", nargs="+", help="per prompt: ';'-separated reference images/videos")
     add("--mask-strategy", nargs="+", help="per prompt: mask strategy (see README)")
-    add("--sampler", choices=["iddpm", "rflow"], help="diffusion sampler")
+    add("--sampler", choices=list(SAMPLERS), help="diffusion sampler; dpm-solver: DPM-Solver++ (20 steps by default) "
+        "for IDDPM-trained models")
     add("--num-sampling-steps", type=int, help="sampling steps")
     add("--cfg-scale", type=float, help="classifier-free guidance scale")
+    add("--attention-cache", choices=list(ATTENTION_CACHE_PRESETS), help="reuse attention outputs across neighbouring "
+        "sampling steps (Pyramid Attention Broadcast): faster, slightly different videos (README: Performance)")
     add("--cfg-channel", type=int, help="iddpm: guide only the first n latent channels (the original uses 3)")
     add("--dtype", choices=sorted(DTYPES), help="precision of STDiT2 and VAE (fp16/bf16 need a GPU)")
     add("--model-path", help="STDiT2/STDiT3 or pipeline directory (default: the shipped model in assets/default_model)")
@@ -134,6 +141,12 @@ def parse_args(argv, description):
     args = argparse.Namespace(**{**GENERIC_DEFAULTS, **family_defaults(model_path), **trained_for, **given})
     args.model_path = model_path
     resolve_size_names(args, given)
+    if args.sampler == "dpm-solver":
+        if trained_for.get("sampler") == "rflow":
+            raise UserError(f"--sampler dpm-solver solves the IDDPM process, but {model_path} was trained with rectified "
+                            "flow; use --sampler rflow")
+        if "num_sampling_steps" not in given:
+            args.num_sampling_steps = DPM_SOLVER_STEPS
     args.trained_size = (trained_for["num_frames"], list(trained_for["image_size"])) if "image_size" in trained_for else None
     if not is_pipeline_dir(model_path):
         for required in ("vae_path", "text_encoder_path"):
@@ -182,8 +195,8 @@ def validate_args(args):
         raise UserError(f"--micro-batch-size must be a positive integer, got {args.micro_batch_size}")
     if args.dtype not in DTYPES:
         raise UserError(f"--dtype {args.dtype!r} is not one of {sorted(DTYPES)}")
-    if args.sampler not in ("iddpm", "rflow"):
-        raise UserError(f"--sampler {args.sampler!r} is not supported; choose iddpm or rflow")
+    if args.sampler not in SAMPLERS:
+        raise UserError(f"--sampler {args.sampler!r} is not supported; choose one of {list(SAMPLERS)}")
     if args.sampler == "iddpm" and args.num_sampling_steps < 2:
         raise UserError("--num-sampling-steps must be at least 2 with --sampler iddpm (its variance at t = 0 is clipped to the next step's)")
     for name in ("reference_path", "mask_strategy"):
@@ -382,7 +395,7 @@ def generate(pipe, args, jobs, image_size):
         output = pipe(
             [job.texts for job in batch], conditions=[job.conditions for job in batch], num_frames=args.num_frames,
             height=height, width=width, fps=args.fps, loop=args.loop, condition_frame_length=args.condition_frame_length,
-            align=args.align, aesthetic_score=args.aes, motion_score=args.flow, camera_motion=args.camera_motion,
+            align=args.align, attention_cache=args.attention_cache, aesthetic_score=args.aes, motion_score=args.flow, camera_motion=args.camera_motion,
             num_inference_steps=args.num_sampling_steps, guidance_scale=args.cfg_scale, seed=args.seed + batch[0].index,
             num_videos_per_prompt=args.num_sample,
         )

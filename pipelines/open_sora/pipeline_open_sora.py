@@ -7,7 +7,7 @@ conditioned on images and videos, and chained into long videos.
 A pipeline directory holds `model_index.json` and one folder per component: transformer (STDiT2 or STDiT3,
 as its config's model_type says), vae (a ppdiffusers AutoencoderKL applied per frame, or v1.2's video VAE),
 text_encoder (paddlenlp T5EncoderModel), tokenizer (T5Tokenizer) and scheduler (`scheduler_config.json` of
-RFLOW or IDDPM). `model_index.json` also records the size the transformer was
+RFLOW, IDDPM or DPMSolver). `model_index.json` also records the size the transformer was
 trained for, which is the default size of a generation.
 """
 
@@ -22,8 +22,10 @@ from ppdiffusers import DiffusionPipeline
 from ppdiffusers.utils import BaseOutput
 
 from models.families import load_transformer, load_vae, read_transformer_config, read_vae_config
+from models.stdit.attention_cache import attention_cache_config
 from models.text_encoder.t5 import T5Encoder, text_preprocessing
 from pipelines.open_sora.conditioning import Conditions, EncodedConditions, fill_conditioned_frames
+from schedulers.dpm_solver import DPMSolver
 from schedulers.iddpm import IDDPM
 from schedulers.rflow import RFLOW
 from utils.errors import UserError
@@ -31,7 +33,7 @@ from utils.io import atomic_path, read_json_object, write_text_atomic
 from utils.media import IMAGE_FPS
 
 # The scheduler classes a scheduler_config.json may name.
-SCHEDULER_CLASSES = {"RFLOW": RFLOW, "IDDPM": IDDPM}
+SCHEDULER_CLASSES = {"RFLOW": RFLOW, "IDDPM": IDDPM, "DPMSolver": DPMSolver}
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 DTYPES = ("float32", "float16", "bfloat16")
 OUTPUT_TYPES = ("np", "pil", "latent")
@@ -288,6 +290,7 @@ class OpenSoraPipeline(DiffusionPipeline):
         camera_motion: Optional[str] = None,
         num_inference_steps: Optional[int] = None,
         guidance_scale: Optional[float] = None,
+        attention_cache=None,
         seed: Optional[int] = None,
         num_videos_per_prompt: int = 1,
         output_type: str = "np",
@@ -309,6 +312,9 @@ class OpenSoraPipeline(DiffusionPipeline):
             aesthetic_score, motion_score, camera_motion: appended to every prompt as Open-Sora v1.2 was trained
                 ("aesthetic score: 6.5."); camera_motion is one of CAMERA_MOTIONS. v1.1 models never saw them.
             num_inference_steps, guidance_scale: default: the scheduler's.
+            attention_cache: reuse attention outputs across neighbouring steps (Pyramid Attention Broadcast):
+                a preset name ("quality", "balanced", "fast") or an `AttentionCacheConfig`; None computes every
+                step in full.
             seed: the same seed and arguments give the same frames; the global random state is left as it was.
             num_videos_per_prompt: drawn one after another from the seed's random stream.
             callback_on_step_end: `fn(pipe, step_index, timestep, {"latents": z}) -> dict` after every model step
@@ -324,6 +330,8 @@ class OpenSoraPipeline(DiffusionPipeline):
             condition_frame_length = self.default_condition_frame_length(num_frames)
         align = self.vae.chunk_latent_frames if align is None else align
         self.check_scores(aesthetic_score, motion_score, camera_motion)
+        if attention_cache is not None:
+            attention_cache = attention_cache_config(attention_cache)
         prompts = self.prompts_per_loop(prompt, loop, dict(aesthetic_score=aesthetic_score, motion_score=motion_score,
                                                            camera_motion=camera_motion))
         if conditions is None or isinstance(conditions, Conditions):
@@ -338,7 +346,8 @@ class OpenSoraPipeline(DiffusionPipeline):
         paddle.seed(int(np.random.default_rng().integers(2**31)) if seed is None else seed)
         try:
             encoded = self.encode_references(conditions, height, width)
-            with self.progress_bar(total=self._num_timesteps) as progress_bar:
+            with self.progress_bar(total=self._num_timesteps) as progress_bar, \
+                    self.transformer.attention_cache_enabled(attention_cache):
                 draws = []
                 for draw in range(num_videos_per_prompt):
                     def step_callback(step_index, t, latents, offset=draw * loop * scheduler.num_inference_steps):

@@ -9,6 +9,7 @@ STDiT3.
 
 import os
 
+from schedulers.dpm_solver import DPMSolver
 from schedulers.iddpm import IDDPM
 from schedulers.rflow import RFLOW
 from utils.io import read_json_object
@@ -92,8 +93,9 @@ def read_pipeline_settings(path):
 
 def scheduler_settings(scheduler):
     """A scheduler's settings in inference.json's vocabulary (the inverse of `build_scheduler`)."""
-    if isinstance(scheduler, IDDPM):
-        return dict(sampler="iddpm", num_sampling_steps=scheduler.num_inference_steps, cfg_scale=scheduler.cfg_scale,
+    if isinstance(scheduler, (IDDPM, DPMSolver)):
+        return dict(sampler="iddpm" if isinstance(scheduler, IDDPM) else "dpm-solver",
+                    num_sampling_steps=scheduler.num_inference_steps, cfg_scale=scheduler.cfg_scale,
                     cfg_channel=scheduler.cfg_channel)
     return dict(sampler="rflow", num_sampling_steps=scheduler.num_sampling_steps, cfg_scale=scheduler.cfg_scale,
                 use_timestep_transform=scheduler.use_timestep_transform, transform_scale=scheduler.transform_scale)
@@ -101,9 +103,10 @@ def scheduler_settings(scheduler):
 
 def build_scheduler(settings):
     """The sampling scheduler that `settings` (inference.json's vocabulary) describe."""
-    if settings["sampler"] == "iddpm":
-        return IDDPM(num_sampling_steps=settings["num_sampling_steps"], cfg_scale=settings["cfg_scale"],
-                     cfg_channel=settings.get("cfg_channel"))
+    if settings["sampler"] in ("iddpm", "dpm-solver"):
+        sampler = IDDPM if settings["sampler"] == "iddpm" else DPMSolver
+        return sampler(num_sampling_steps=settings["num_sampling_steps"], cfg_scale=settings["cfg_scale"],
+                       cfg_channel=settings.get("cfg_channel"))
     return RFLOW(
         num_sampling_steps=settings["num_sampling_steps"],
         cfg_scale=settings["cfg_scale"],

@@ -341,3 +341,22 @@ def test_what_plan_jobs_refuses_before_any_model_loads(four_frames):
         plan_jobs(job_args(["a dog", "|0|a cat|1|### @@@"], loop=2))
     with pytest.raises(UserError, match="loop ids"):
         plan_jobs(job_args("|0|a dog|1|a cat", loop=1))
+
+
+def test_dpm_solver_and_attention_cache_flags(tmp_path):
+    (tmp_path / "iddpm").mkdir()
+    (tmp_path / "rflow").mkdir()
+    iddpm_model = write_model_dir(tmp_path / "iddpm", {"sampler": "iddpm", "num_sampling_steps": 100})
+    args = parse_args(["--prompt", "x", "--model-path", iddpm_model, "--vae-path", "v", "--text-encoder-path", "t",
+                       "--sampler", "dpm-solver", "--attention-cache", "balanced"], "t")
+    assert (args.sampler, args.num_sampling_steps, args.attention_cache) == ("dpm-solver", 20, "balanced")
+    scheduler = build_scheduler(vars(args))
+    assert type(scheduler).__name__ == "DPMSolver" and scheduler.num_inference_steps == 20
+    assert parse_args(["--prompt", "x", "--model-path", iddpm_model, "--vae-path", "v", "--text-encoder-path", "t",
+                       "--sampler", "dpm-solver", "--num-sampling-steps", "12"], "t").num_sampling_steps == 12
+    rflow_model = write_model_dir(tmp_path / "rflow", {"sampler": "rflow"})
+    with pytest.raises(UserError, match="--sampler dpm-solver solves the IDDPM process, but .* was trained with rectified flow"):
+        parse_args(["--prompt", "x", "--model-path", rflow_model, "--vae-path", "v", "--text-encoder-path", "t",
+                    "--sampler", "dpm-solver"], "t")
+    with pytest.raises(UserError, match="invalid choice: 'fastest'"):
+        parse_args(["--prompt", "x", "--attention-cache", "fastest"], "t")

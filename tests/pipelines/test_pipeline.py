@@ -218,3 +218,36 @@ def test_save_pipeline_script_assembles_a_loadable_directory(tiny_models, pipe, 
     assembled.set_progress_bar_config(disable=True)
     assert assembled.default_size == pipe.default_size and assembled.default_sampling == pipe.default_sampling
     np.testing.assert_array_equal(assembled(PROMPT, seed=8).frames, pipe(PROMPT, seed=8).frames)
+
+
+def test_attention_cache_is_on_for_the_call_only_and_changes_little(pipe):
+    full = pipe(PROMPT, seed=4, num_inference_steps=8, output_type="latent").frames.numpy()
+    seen = []
+
+    def record(pipeline, step_index, timestep, callback_kwargs):
+        seen.append(pipeline.transformer.attention_cache)
+        return callback_kwargs
+
+    cached = pipe(PROMPT, seed=4, num_inference_steps=8, output_type="latent", attention_cache="fast",
+                  callback_on_step_end=record).frames.numpy()
+    cache = seen[0]
+    assert all(item is cache for item in seen) and sum(cache.reused.values()) > 0
+    assert pipe.transformer.attention_cache is None  # the pipeline's model is left as it was
+    assert not np.array_equal(cached, full)
+    assert np.abs(cached - full).mean() < 0.5 * np.abs(full).mean()
+    np.testing.assert_array_equal(pipe(PROMPT, seed=4, num_inference_steps=8, output_type="latent").frames.numpy(), full)
+    with pytest.raises(UserError, match="attention cache 'fastest': not a preset"):
+        pipe(PROMPT, attention_cache="fastest")
+
+
+def test_dpm_solver_scheduler_keeps_hard_conditions_and_round_trips(pipe, pipeline_dir, video, tmp_path):
+    from schedulers.dpm_solver import DPMSolver
+
+    solver_pipe = OpenSoraPipeline.from_pretrained(pipeline_dir, scheduler=DPMSolver(num_sampling_steps=3, cfg_scale=4.0))
+    solver_pipe.set_progress_bar_config(disable=True)
+    latents = solver_pipe(PROMPT, conditions=Conditions.image_to_video(video[0]), seed=2, output_type="latent").frames.numpy()[0]
+    np.testing.assert_array_equal(latents[:, 0], encoded(solver_pipe, 2, [video[:1]])[0][:, 0])
+    assert solver_pipe.num_timesteps == 3
+    solver_pipe.save_pretrained(str(tmp_path / "dpm"))
+    reloaded = OpenSoraPipeline.from_pretrained(str(tmp_path / "dpm"))
+    assert type(reloaded.scheduler).__name__ == "DPMSolver" and reloaded.scheduler.config == solver_pipe.scheduler.config
