@@ -308,6 +308,27 @@ def test_guidance_covers_the_first_cfg_channels(text_encoder, size_args, cfg_cha
     np.testing.assert_allclose(default, out, rtol=1e-6)
 
 
+class CaptionEncodingModel(CaptionModel):
+    """Precomputes its caption conditioning: `forward` must get what `encode_caption` returned."""
+
+    def forward(self, x, timestep, y=None, mask=None, x_mask=None, **size_args):
+        assert mask is None and isinstance(y, dict), "the sampler must pass the encoded caption, not the raw one"
+        return super().forward(x, timestep, y=y["y"])
+
+    def encode_caption(self, y, mask):
+        assert mask.shape == [1, 3]  # the prompt's mask, once for the doubled batch
+        return {"y": y * 2}
+
+
+def test_models_with_encode_caption_get_their_encoded_captions(text_encoder, size_args):
+    z = paddle.to_tensor(np.random.default_rng(8).standard_normal([1, 2, 3, 1, 1]), dtype="float32")
+    solver = DPMSolver(3, cfg_scale=3.0)
+    encoded = solver.sample(CaptionEncodingModel(), text_encoder, z, ["abc"], size_args(1), progress=False).numpy()
+    # a caption encoded as twice itself is the caption "abcabc" given raw
+    raw = solver.sample(CaptionModel(), text_encoder, z, ["abcabc"], size_args(1), progress=False).numpy()
+    np.testing.assert_allclose(encoded, raw, rtol=1e-6)
+
+
 def test_config_rebuilds_the_scheduler_and_steps_can_be_changed():
     given = dict(num_sampling_steps=13, diffusion_steps=500, cfg_scale=7.0, cfg_channel=3, solver_order=1,
                  timestep_spacing="time_uniform")
