@@ -350,8 +350,8 @@ def test_only_outputs_and_uploads_are_served(app):
 BAD_FLAGS = [
     (["--port", "70000"], "--port 70000: give a port between 1 and 65535"),
     (["--model-path", "no/such/dir"], ("--model-path no/such/dir: model directory not found; give a pipeline "
-                                       "directory or an STDiT2 directory written by save_pretrained or "
-                                       "scripts/convert_checkpoint.py stdit2")),
+                                       "directory or an STDiT directory written by save_pretrained or "
+                                       "scripts/convert_checkpoint.py stdit2 or stdit3")),
     (["--model-path", "{stdit2}"], "--vae-path is required with --model-path {stdit2}"),
     (["--host", "192.0.2.1"], "--host 192.0.2.1 --port 7860: cannot listen there"),  # an address of no machine here
     # then the choices, quoted or not depending on the Python version
