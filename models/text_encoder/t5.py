@@ -8,6 +8,7 @@ import urllib.parse
 
 import paddle
 
+from models.text_encoder.streamed_t5 import StreamedT5EncoderModel
 from models.vae.vae import check_model_dir
 
 
@@ -33,9 +34,11 @@ class T5Encoder:
         self.y_embedder = None
 
     @classmethod
-    def from_pretrained(cls, path, model_max_length=200, dtype="float32"):
+    def from_pretrained(cls, path, model_max_length=200, dtype="float32", stream=False):
         """The encoder of `path` and its tokenizer: in the same directory (as DeepFloyd's t5-v1_1-xxl ships
-        them), or in the sibling `tokenizer` folder of a pipeline directory."""
+        them), or in the sibling `tokenizer` folder of a pipeline directory. `stream=True` holds one block's
+        weights at a time (`StreamedT5EncoderModel`, float32, safetensors checkpoints only) instead of the
+        whole encoder."""
         from paddlenlp.transformers import T5EncoderModel, T5Tokenizer
 
         cls.read_config(path)
@@ -43,7 +46,8 @@ class T5Encoder:
         sibling = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
         if not os.path.isfile(os.path.join(path, TOKENIZER_FILE)) and os.path.isfile(os.path.join(sibling, TOKENIZER_FILE)):
             tokenizer_path = sibling
-        return cls(T5EncoderModel.from_pretrained(path, dtype=dtype), T5Tokenizer.from_pretrained(tokenizer_path), model_max_length)
+        model = StreamedT5EncoderModel.from_pretrained(path) if stream else T5EncoderModel.from_pretrained(path, dtype=dtype)
+        return cls(model, T5Tokenizer.from_pretrained(tokenizer_path), model_max_length)
 
     @staticmethod
     def read_config(path):

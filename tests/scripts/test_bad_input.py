@@ -68,6 +68,10 @@ CASES = [
     ("mismatched weights", ["--prompt", PROMPT, "--model-path", "{bad}/mismatch"], "weights do not match the STDiT2 config"),
     ("missing vae", ["--prompt", PROMPT, "--vae-path", "{bad}/none"], "VAE (AutoencoderKL) directory not found"),
     ("text encoder is a vae", ["--prompt", PROMPT, "--text-encoder-path", "{vae}"], "not a T5 text encoder"),
+    # the test T5 is paddlenlp's default .pdparams
+    ("streamed text encoder not safetensors", ["--prompt", PROMPT, "--stream-text-encoder"],
+     "the streamed T5 encoder reads safetensors weights (model.safetensors or model.safetensors.index.json) and this "
+     "directory has none; convert the checkpoint with scripts/convert_checkpoint.py t5"),
     ("save dir is a file", ["--prompt", PROMPT, "--save-dir", "{bad}/a_file"], "--save-dir"),
     ("fp16 on cpu", ["--prompt", PROMPT, "--dtype", "fp16"], "needs a GPU"),
 ]
