@@ -11,10 +11,111 @@ import math
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
+from paddle.autograd import PyLayer
 
 
 def approx_gelu():
     return nn.GELU(approximate=True)
+
+
+# ---------------------------------------------------------------------------------------------- CPU training
+#
+# Paddle's CPU backward kernels are slow for three patterns this model is full of: summing a gradient over
+# leading or middle axes (the backward of an expand or of a bias add, 10-30 ms for a [2, 4096, 192-768]
+# activation, single-threaded, where a matmul with a ones vector takes 1-2 ms on every core), the weight and
+# the row statistics of an RMS norm, and the generic elementwise-gradient kernels behind them. When autograd
+# records an op on CPU tensors, the functions below run the same forward with a hand-written backward made of
+# fast kernels. Everything else (inference, and any GPU) runs the plain ops, unchanged.
+
+
+def cpu_autograd(*tensors):
+    """True when autograd records an op on these CPU tensors (grad mode on, one of them needs a gradient):
+    the single switch for the hand-written backward passes below."""
+    return (
+        paddle.is_grad_enabled()
+        and any(t is not None and not t.stop_gradient for t in tensors)
+        and tensors[0].place.is_cpu_place()
+    )
+
+
+def sum_to_shape(grad, shape):
+    """`grad` summed over the axes where `shape` has 1 (or that `shape` lacks in front): the backward of an
+    expand to grad's shape. One contiguous run of summed axes (every case in this model) is a matmul with a
+    ones vector; anything else falls back to `sum`."""
+    shape = list(shape)
+    padded = [1] * (grad.ndim - len(shape)) + shape
+    axes = [axis for axis, (size, grad_size) in enumerate(zip(padded, grad.shape)) if size == 1 and grad_size != 1]
+    if not axes:
+        return grad.reshape(shape)
+    if axes[-1] - axes[0] + 1 != len(axes):
+        return grad.sum(axis=axes, keepdim=True).reshape(shape)
+    before, summed = math.prod(grad.shape[: axes[0]]), math.prod(grad.shape[axes[0] : axes[-1] + 1])
+    ones = paddle.ones([1, summed], dtype=grad.dtype)
+    return paddle.matmul(ones, grad.reshape([before, summed, -1])).reshape(shape)
+
+
+class _Expand(PyLayer):
+    @staticmethod
+    def forward(ctx, param, shape):
+        ctx.param_shape = param.shape
+        return param.expand(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return sum_to_shape(grad, ctx.param_shape)
+
+
+class _Linear(PyLayer):
+    """x @ weight + bias over the last axis, the bias gradient as a matmul (Paddle's is a slow reduction)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight, bias)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensor()
+        grad_2d = grad.reshape([-1, grad.shape[-1]])
+        grad_x = grad_weight = grad_bias = None
+        if not x.stop_gradient:
+            grad_x = paddle.matmul(grad, weight, transpose_y=True)
+        if not weight.stop_gradient:
+            grad_weight = paddle.matmul(x.reshape([-1, x.shape[-1]]), grad_2d, transpose_x=True)
+        if bias is None:
+            return grad_x, grad_weight
+        if not bias.stop_gradient:
+            grad_bias = sum_to_shape(grad_2d, bias.shape)
+        return grad_x, grad_weight, grad_bias
+
+
+class _RMSNorm(PyLayer):
+    """weight * x / rms(x) over the last axis, in the dtype of x; see `RMSNorm`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rstd = paddle.rsqrt((x * x).mean(-1, keepdim=True) + eps)
+        normed = x * rstd
+        ctx.save_for_backward(normed, rstd, weight)
+        return normed * weight.expand(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        normed, rstd, weight = ctx.saved_tensor()
+        grad_weight = None if weight.stop_gradient else sum_to_shape(grad * normed, weight.shape)
+        grad_normed = grad * weight.expand(grad.shape)
+        # d/dx of x * rstd(x): rstd * (g - normed * mean(g * normed)) along the normalised axis
+        grad_x = (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True)) * rstd
+        return grad_x, grad_weight
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters, same forward) with a fast bias gradient in CPU training."""
+
+    def forward(self, x):
+        if cpu_autograd(x, self.weight, self.bias):
+            return _Linear.apply(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 def expand_as(param, x):
@@ -23,7 +124,10 @@ def expand_as(param, x):
     Paddle's CPU elementwise kernels are slow whenever an operand broadcasts along a leading or middle axis
     (a [B, 1, 1, C] gate times [B, T, S, C] tokens) and fast on equal shapes: for 2 x 4096 x 192 floats,
     `x + gate * y` took 4.3 ms and `x + gate.expand(y.shape) * y` 0.36 ms. On GPUs the expand is one cheap copy.
+    In CPU training the expand's backward (a sum back to param's shape) is a matmul, see `sum_to_shape`.
     """
+    if cpu_autograd(param):
+        return _Expand.apply(param, x.shape)
     return param.expand(x.shape)
 
 
@@ -84,6 +188,8 @@ class RMSNorm(nn.Layer):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states):
+        if hidden_states.dtype == paddle.float32 and cpu_autograd(hidden_states, self.weight):
+            return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.astype("float32")
         # x * x rather than pow(2): Paddle's CPU pow kernel is an order of magnitude slower.
@@ -97,9 +203,9 @@ class Mlp(nn.Layer):
 
     def __init__(self, in_features, hidden_features, out_features=None, act_layer=approx_gelu):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+        self.fc2 = Linear(hidden_features, out_features or in_features)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -180,10 +286,10 @@ class Attention(nn.Layer):
         self.head_dim = dim // num_heads
         self.attn_drop = attn_drop
 
-        self.qkv = nn.Linear(dim, dim * 3, bias_attr=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias_attr=qkv_bias)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.use_rope = use_rope
         self.rope_after_qk_norm = rope_after_qk_norm
 
@@ -217,9 +323,9 @@ class MultiHeadCrossAttention(nn.Layer):
         self.head_dim = d_model // num_heads
         self.attn_drop = attn_drop
 
-        self.q_linear = nn.Linear(d_model, d_model)
-        self.kv_linear = nn.Linear(d_model, d_model * 2)
-        self.proj = nn.Linear(d_model, d_model)
+        self.q_linear = Linear(d_model, d_model)
+        self.kv_linear = Linear(d_model, d_model * 2)
+        self.proj = Linear(d_model, d_model)
 
     def project_text(self, cond):
         """Keys and values of the caption tokens, [B, L, H, D] each; they depend on the prompt only."""
@@ -367,7 +473,7 @@ class T2IFinalLayer(nn.Layer):
     def __init__(self, hidden_size, num_patch, out_channels):
         super().__init__()
         self.norm_final = layer_norm_without_affine(hidden_size)
-        self.linear = nn.Linear(hidden_size, num_patch * out_channels)
+        self.linear = Linear(hidden_size, num_patch * out_channels)
         self.scale_shift_table = self.create_parameter(
             [2, hidden_size], default_initializer=nn.initializer.Normal(std=hidden_size**-0.5)
         )

@@ -70,3 +70,51 @@ def test_expanded_elementwise_ops_equal_broadcasting():
     assert expand_as(tgate, tx).shape == [2, 4, 3, 6]
     np.testing.assert_allclose(t2i_modulate(tx, tshift, tscale).numpy(), x * (1 + scale) + shift, rtol=1e-6)
     np.testing.assert_allclose(gated(tgate, tx).numpy(), gate * x, rtol=1e-6)
+
+
+def test_sum_to_shape_is_the_backward_of_expand():
+    rng = np.random.default_rng(4)
+    grad = rng.standard_normal([2, 4, 3, 6]).astype("float32")
+    # contiguous runs (matmul), missing leading axes, nothing to sum, and a split run (the fallback)
+    for shape in ([2, 1, 1, 6], [2, 4, 1, 6], [1, 1, 3, 6], [3, 6], [6], [2, 4, 3, 6], [2, 1, 3, 1]):
+        axes = tuple(i for i, size in enumerate([1] * (4 - len(shape)) + shape) if size == 1)
+        expected = grad.sum(axis=axes, keepdims=True).reshape(shape)
+        summed = blocks.sum_to_shape(paddle.to_tensor(grad), shape)
+        assert summed.shape == shape
+        np.testing.assert_allclose(summed.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_training_backward_passes_match_autograd_of_the_plain_ops(monkeypatch):
+    """expand_as, Linear and RMSNorm give the gradients Paddle's own autograd gives for the plain ops,
+    including a Linear without bias and one with a frozen weight."""
+    rng = np.random.default_rng(5)
+    x_value = rng.standard_normal([2, 4, 3, 8]).astype("float32")
+    params = {name: rng.standard_normal(shape).astype("float32") for name, shape in
+              (("gate", [2, 1, 1, 8]), ("shift", [2, 4, 1, 8]), ("scale", [2, 1, 1, 8]), ("cotangent", [2, 4, 3, 2, 4]))}
+    paddle.seed(0)
+    linear, no_bias, frozen = blocks.Linear(8, 8), blocks.Linear(8, 8, bias_attr=False), blocks.Linear(8, 8)
+    frozen.weight.stop_gradient = True
+    norm = blocks.RMSNorm(4)
+    norm.weight.set_value(paddle.to_tensor(rng.standard_normal([4]).astype("float32")))
+    layers = [linear, no_bias, frozen, norm]
+
+    def gradients():
+        x = paddle.to_tensor(x_value, stop_gradient=False)
+        gate, shift, scale = (paddle.to_tensor(params[k], stop_gradient=False) for k in ("gate", "shift", "scale"))
+        h = t2i_modulate(gated(gate, x), shift, scale)
+        h = frozen(no_bias(linear(h)))
+        out = norm(h.reshape([2, 4, 3, 2, 4]))
+        (out * paddle.to_tensor(params["cotangent"])).sum().backward()
+        tensors = [x, gate, shift, scale] + [p for layer in layers for p in layer.parameters() if not p.stop_gradient]
+        grads = [t.grad.numpy().copy() for t in tensors]
+        for layer in layers:
+            layer.clear_gradients()
+        return grads
+
+    assert blocks.cpu_autograd(paddle.to_tensor(x_value, stop_gradient=False))
+    custom = gradients()
+    monkeypatch.setattr(blocks, "cpu_autograd", lambda *tensors: False)
+    plain = gradients()
+    assert len(custom) == len(plain) == 4 + 5  # linear weight and bias, no_bias weight, frozen bias, norm weight
+    for ours, reference in zip(custom, plain):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
