@@ -20,17 +20,17 @@ def approx_gelu():
 
 # ---------------------------------------------------------------------------------------------- CPU training
 #
-# Paddle's CPU backward kernels are slow for three patterns this model is full of: summing a gradient over
-# leading or middle axes (the backward of an expand or of a bias add, 10-30 ms for a [2, 4096, 192-768]
-# activation, single-threaded, where a matmul with a ones vector takes 1-2 ms on every core), the weight and
-# the row statistics of an RMS norm, and the generic elementwise-gradient kernels behind them. When autograd
-# records an op on CPU tensors, the functions below run the same forward with a hand-written backward made of
-# fast kernels. Everything else (inference, and any GPU) runs the plain ops, unchanged.
+# Paddle's CPU backward of a broadcast is a sum over the broadcast axes done by a slow single-threaded
+# reduction: 10-30 ms for the gradient of an adaLN gate or a bias over a [2, 4096, 192-768] activation, where a
+# matmul with a ones vector takes 1-2 ms on both cores. In CPU training (autograd recording on CPU tensors)
+# broadcasts are therefore written as matmuls with a ones vector, whose backward is again a matmul, and the RMS
+# norm's row statistics get a hand-written backward. The forward values are the same (a product with 1.0 is
+# exact). Inference, and any GPU, run the plain ops.
 
 
 def cpu_autograd(*tensors):
     """True when autograd records an op on these CPU tensors (grad mode on, one of them needs a gradient):
-    the single switch for the hand-written backward passes below."""
+    the one switch for the training-only formulations below."""
     return (
         paddle.is_grad_enabled()
         and any(t is not None and not t.stop_gradient for t in tensors)
@@ -38,83 +38,51 @@ def cpu_autograd(*tensors):
     )
 
 
-def sum_to_shape(grad, shape):
-    """`grad` summed over the axes where `shape` has 1 (or that `shape` lacks in front): the backward of an
-    expand to grad's shape. One contiguous run of summed axes (every case in this model) is a matmul with a
-    ones vector; anything else falls back to `sum`."""
+def broadcast_by_matmul(param, shape):
+    """`param` broadcast to `shape` as a product with a ones vector, so that its gradient (the sum over the
+    broadcast axes) is a matmul too. The axes where param is 1 (or that it lacks in front) must be one
+    contiguous run, as for every broadcast in this model; otherwise this is a plain expand."""
     shape = list(shape)
-    padded = [1] * (grad.ndim - len(shape)) + shape
-    axes = [axis for axis, (size, grad_size) in enumerate(zip(padded, grad.shape)) if size == 1 and grad_size != 1]
-    if not axes:
-        return grad.reshape(shape)
-    if axes[-1] - axes[0] + 1 != len(axes):
-        return grad.sum(axis=axes, keepdim=True).reshape(shape)
-    before, summed = math.prod(grad.shape[: axes[0]]), math.prod(grad.shape[axes[0] : axes[-1] + 1])
-    ones = paddle.ones([1, summed], dtype=grad.dtype)
-    return paddle.matmul(ones, grad.reshape([before, summed, -1])).reshape(shape)
-
-
-class _Expand(PyLayer):
-    @staticmethod
-    def forward(ctx, param, shape):
-        ctx.param_shape = param.shape
+    padded = [1] * (len(shape) - param.ndim) + list(param.shape)
+    axes = [axis for axis, (size, target) in enumerate(zip(padded, shape)) if size == 1 and target != 1]
+    if not axes or axes[-1] - axes[0] + 1 != len(axes):
         return param.expand(shape)
+    before, run, after = (math.prod(part) for part in (shape[: axes[0]], shape[axes[0] : axes[-1] + 1], shape[axes[-1] + 1 :]))
+    if after == 1:  # [P, 1] -> [P, R]
+        out = paddle.matmul(param.reshape([before, 1]), paddle.ones([1, run], param.dtype))
+    else:  # [1, Q] -> [R, Q], or [P, 1, Q] -> [P, R, Q]
+        out = paddle.matmul(paddle.ones([run, 1], param.dtype), param.reshape([before, 1, after] if before > 1 else [1, after]))
+    return out.reshape(shape)
+
+
+class _RMSNormalize(PyLayer):
+    """x / sqrt(mean(x^2) + eps) over the last axis, with a hand-written backward.
+
+    Paddle's autograd of the plain formula spends most of its time in broadcast gradients over the row
+    statistics. One tensor input only: a PyLayer cannot tell which inputs `paddle.grad(outputs, inputs)` asked
+    for, and Paddle rejects a gradient returned for one that was not; the weight is applied outside."""
 
     @staticmethod
-    def backward(ctx, grad):
-        return sum_to_shape(grad, ctx.param_shape)
-
-
-class _Linear(PyLayer):
-    """x @ weight + bias over the last axis, the bias gradient as a matmul (Paddle's is a slow reduction)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight, bias)
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, bias = ctx.saved_tensor()
-        grad_2d = grad.reshape([-1, grad.shape[-1]])
-        grad_x = grad_weight = grad_bias = None
-        if not x.stop_gradient:
-            grad_x = paddle.matmul(grad, weight, transpose_y=True)
-        if not weight.stop_gradient:
-            grad_weight = paddle.matmul(x.reshape([-1, x.shape[-1]]), grad_2d, transpose_x=True)
-        if bias is None:
-            return grad_x, grad_weight
-        if not bias.stop_gradient:
-            grad_bias = sum_to_shape(grad_2d, bias.shape)
-        return grad_x, grad_weight, grad_bias
-
-
-class _RMSNorm(PyLayer):
-    """weight * x / rms(x) over the last axis, in the dtype of x; see `RMSNorm`."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, eps):
         rstd = paddle.rsqrt((x * x).mean(-1, keepdim=True) + eps)
         normed = x * rstd
-        ctx.save_for_backward(normed, rstd, weight)
-        return normed * weight.expand(x.shape)
+        ctx.save_for_backward(normed, rstd)
+        return normed
 
     @staticmethod
     def backward(ctx, grad):
-        normed, rstd, weight = ctx.saved_tensor()
-        grad_weight = None if weight.stop_gradient else sum_to_shape(grad * normed, weight.shape)
-        grad_normed = grad * weight.expand(grad.shape)
+        normed, rstd = ctx.saved_tensor()
         # d/dx of x * rstd(x): rstd * (g - normed * mean(g * normed)) along the normalised axis
-        grad_x = (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True)) * rstd
-        return grad_x, grad_weight
+        return (grad - normed * (grad * normed).mean(-1, keepdim=True)) * rstd
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, same forward) with a fast bias gradient in CPU training."""
+    """`nn.Linear` (same parameters, same forward values) whose bias gradient is a matmul in CPU training."""
 
     def forward(self, x):
-        if cpu_autograd(x, self.weight, self.bias):
-            return _Linear.apply(x, self.weight, self.bias)
+        if self.bias is not None and cpu_autograd(x, self.weight, self.bias):
+            out = paddle.matmul(x, self.weight)
+            return out + broadcast_by_matmul(self.bias, out.shape)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -124,10 +92,10 @@ def expand_as(param, x):
     Paddle's CPU elementwise kernels are slow whenever an operand broadcasts along a leading or middle axis
     (a [B, 1, 1, C] gate times [B, T, S, C] tokens) and fast on equal shapes: for 2 x 4096 x 192 floats,
     `x + gate * y` took 4.3 ms and `x + gate.expand(y.shape) * y` 0.36 ms. On GPUs the expand is one cheap copy.
-    In CPU training the expand's backward (a sum back to param's shape) is a matmul, see `sum_to_shape`.
+    In CPU training the broadcast is a matmul, so that its backward is one too (`broadcast_by_matmul`).
     """
     if cpu_autograd(param):
-        return _Expand.apply(param, x.shape)
+        return broadcast_by_matmul(param, x.shape)
     return param.expand(x.shape)
 
 
@@ -189,7 +157,8 @@ class RMSNorm(nn.Layer):
 
     def forward(self, hidden_states):
         if hidden_states.dtype == paddle.float32 and cpu_autograd(hidden_states, self.weight):
-            return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+            normed = _RMSNormalize.apply(hidden_states, self.variance_epsilon)
+            return expand_as(self.weight, normed) * normed
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.astype("float32")
         # x * x rather than pow(2): Paddle's CPU pow kernel is an order of magnitude slower.

@@ -72,21 +72,26 @@ def test_expanded_elementwise_ops_equal_broadcasting():
     np.testing.assert_allclose(gated(tgate, tx).numpy(), gate * x, rtol=1e-6)
 
 
-def test_sum_to_shape_is_the_backward_of_expand():
+def test_broadcast_by_matmul_equals_expand_and_its_gradient_is_the_sum():
     rng = np.random.default_rng(4)
-    grad = rng.standard_normal([2, 4, 3, 6]).astype("float32")
-    # contiguous runs (matmul), missing leading axes, nothing to sum, and a split run (the fallback)
-    for shape in ([2, 1, 1, 6], [2, 4, 1, 6], [1, 1, 3, 6], [3, 6], [6], [2, 4, 3, 6], [2, 1, 3, 1]):
+    cotangent = rng.standard_normal([2, 4, 3, 6]).astype("float32")
+    # one run of broadcast axes (in the middle, in front, missing in front, at the end), nothing to broadcast,
+    # and a split run (a plain expand)
+    for shape in ([2, 1, 1, 6], [2, 4, 1, 6], [1, 1, 3, 6], [3, 6], [6], [2, 4, 3, 1], [2, 4, 3, 6], [2, 1, 3, 1]):
+        value = rng.standard_normal(shape).astype("float32")
+        param = paddle.to_tensor(value, stop_gradient=False)
+        out = blocks.broadcast_by_matmul(param, [2, 4, 3, 6])
+        np.testing.assert_array_equal(out.numpy(), np.broadcast_to(value, [2, 4, 3, 6]))
+        (out * paddle.to_tensor(cotangent)).sum().backward()
         axes = tuple(i for i, size in enumerate([1] * (4 - len(shape)) + shape) if size == 1)
-        expected = grad.sum(axis=axes, keepdims=True).reshape(shape)
-        summed = blocks.sum_to_shape(paddle.to_tensor(grad), shape)
-        assert summed.shape == shape
-        np.testing.assert_allclose(summed.numpy(), expected, rtol=1e-5, atol=1e-5)
+        expected = cotangent.sum(axis=axes, keepdims=True).reshape(shape)
+        np.testing.assert_allclose(param.grad.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_cpu_training_backward_passes_match_autograd_of_the_plain_ops(monkeypatch):
     """expand_as, Linear and RMSNorm give the gradients Paddle's own autograd gives for the plain ops,
-    including a Linear without bias and one with a frozen weight."""
+    including a Linear without bias and one with a frozen weight; `paddle.grad` for a subset of the inputs
+    works through them."""
     rng = np.random.default_rng(5)
     x_value = rng.standard_normal([2, 4, 3, 8]).astype("float32")
     params = {name: rng.standard_normal(shape).astype("float32") for name, shape in
@@ -118,3 +123,9 @@ def test_cpu_training_backward_passes_match_autograd_of_the_plain_ops(monkeypatc
     assert len(custom) == len(plain) == 4 + 5  # linear weight and bias, no_bias weight, frozen bias, norm weight
     for ours, reference in zip(custom, plain):
         np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+    monkeypatch.undo()
+    x = paddle.to_tensor(x_value, stop_gradient=False)
+    out = norm(linear(gated(paddle.to_tensor(params["gate"], stop_gradient=False), x)).reshape([2, 4, 3, 2, 4]))
+    (grad_x,) = paddle.grad([out], [x], [paddle.to_tensor(params["cotangent"])])
+    assert grad_x.shape == x.shape
