@@ -61,10 +61,10 @@ fi
 # No --overwrite_output_dir: rerun, a cycle resumes from its newest complete checkpoint.
 step 5 "STDiT2, first cycle" && "$python" scripts/trainer_opensora.py --do_train --output_dir "$run_dir/cycle1" \
     --model_config configs/stdit2/demo.json "${stdit2_recipe[@]}" \
-    --learning_rate 8e-4 --warmup_steps 150 --max_steps 6000 --seed 42
+    --learning_rate 8e-4 --warmup_steps 150 --max_steps 2000 --seed 42
 step 6 "STDiT2, second cycle" && "$python" scripts/trainer_opensora.py --do_train --output_dir "$run_dir/cycle2" \
     --pretrained_model_path "$run_dir/cycle1/ema" "${stdit2_recipe[@]}" \
-    --learning_rate 4e-4 --warmup_steps 100 --max_steps 1500 --seed 43
+    --learning_rate 4e-4 --warmup_steps 100 --max_steps 2000 --seed 43
 
 # 7. Ship the second cycle's weights as a pipeline directory, with the sampling settings they were trained for
 #    (its inference.json), and measure them. README.md and evaluation.json of MODEL_DIR are kept.
