@@ -89,7 +89,7 @@ def test_broadcast_by_matmul_equals_expand_and_its_gradient_is_the_sum():
 
 
 def test_cpu_training_backward_passes_match_autograd_of_the_plain_ops(monkeypatch):
-    """expand_as, Linear and RMSNorm give the gradients Paddle's own autograd gives for the plain ops,
+    """expand_as, LayerNorm, Linear and RMSNorm give the gradients Paddle's own autograd gives for the plain ops,
     including a Linear without bias and one with a frozen weight; `paddle.grad` for a subset of the inputs
     works through them."""
     rng = np.random.default_rng(5)
@@ -106,7 +106,7 @@ def test_cpu_training_backward_passes_match_autograd_of_the_plain_ops(monkeypatc
     def gradients():
         x = paddle.to_tensor(x_value, stop_gradient=False)
         gate, shift, scale = (paddle.to_tensor(params[k], stop_gradient=False) for k in ("gate", "shift", "scale"))
-        h = t2i_modulate(gated(gate, x), shift, scale)
+        h = t2i_modulate(blocks.layer_norm_without_affine(8)(gated(gate, x)), shift, scale)
         h = frozen(no_bias(linear(h)))
         out = norm(h.reshape([2, 4, 3, 2, 4]))
         (out * paddle.to_tensor(params["cotangent"])).sum().backward()
