@@ -224,7 +224,10 @@ def check_video(argv, save_dir, result):
     if flag_values(argv, "--resolution"):
         height, width = aspect.image_size(flag_values(argv, "--resolution")[0], (flag_values(argv, "--aspect-ratio") or ["9:16"])[0])
     else:
-        height, width = [int(v) // 8 * 8 for v in flag_values(argv, "--image-size", 2) or ["64", "64"]]
+        # The pipeline rounds sizes down to the shipped VAE's downsampling (one halving per level after the first).
+        with open(os.path.join(REPO, "assets/default_model/vae/config.json")) as f:
+            factor = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+        height, width = [int(v) // factor * factor for v in flag_values(argv, "--image-size", 2) or ["64", "64"]]
     path = os.path.join(save_dir, f"{(flag_values(argv, '--sample-name') or ['sample'])[0]}_0.mp4")
     assert result.stdout.split() == [path]
     with av.open(path) as container:
